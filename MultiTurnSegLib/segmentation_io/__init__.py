@@ -4,6 +4,8 @@
 3D bool mask ``[k, j, i]``, Slicer tags) on one voxel grid. :func:`read_seg_nrrd`
 reads Slicer's files (overlapping segments in layers included) and
 :func:`write_seg_nrrd` writes files Slicer loads, both through slicerio.
+Names and tags may be any Unicode text (e.g. Chinese prompts); like Slicer,
+the header stores them as UTF-8.
 """
 
 from .segnrrd import (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -212,6 +213,109 @@ def validate_segment(segment: Segment, shape: Tuple[int, int, int]) -> None:
         raise InputError(f"{label}: mask shape {mask.shape} differs from the segmentation grid {tuple(shape)} ([k, j, i]).")
 
 
+# --------------------------------------------------------------------------- non-ASCII header text
+#
+# Slicer writes segment names, IDs and tags as UTF-8 bytes in the NRRD header
+# and reads them back as UTF-8. pynrrd (under slicerio) writes header lines with
+# ``.encode('ascii')`` (UnicodeEncodeError for e.g. "R3 左肾") and reads them with
+# ``.decode('ascii', 'ignore')`` (non-ASCII characters silently dropped). We keep
+# slicerio/pynrrd for the format and fix only the header text around them:
+# on write, non-ASCII strings go through as unique ASCII placeholders that are
+# then swapped for their UTF-8 bytes in the header; on read, the header lines
+# are decoded as UTF-8 and parsed again by slicerio. The gzip data after the
+# header is never touched, and all-ASCII files are exactly what slicerio writes.
+
+
+def _header_lines(path: str) -> List[bytes]:
+    """The raw header lines (magic line up to, not including, the first blank line).
+
+    Same rule as pynrrd/teem: the header ends at the first line that is empty
+    after stripping trailing whitespace; attached data follows it.
+    """
+    lines: List[bytes] = []
+    with open(path, "rb") as fh:
+        for index, line in enumerate(fh):
+            if index > 0 and not line.rstrip():
+                break
+            lines.append(line)
+    return lines
+
+
+def _utf8_header_metadata(path: str) -> Optional[Dict[str, Any]]:
+    """slicerio's metadata parsed from the UTF-8-decoded header; None when the header is ASCII.
+
+    A header that is not valid UTF-8 raises InputError rather than falling back
+    to latin-1: names and tags identify segments (prompts refer to them by name,
+    DICOM export labels them), so mojibake (e.g. a GBK name read as latin-1)
+    would be the same silent corruption this code exists to prevent. Slicer
+    (current versions) writes UTF-8, so such a file comes from some other tool.
+    """
+    raw = _header_lines(path)
+    if all(line.isascii() for line in raw):
+        return None  # slicerio's own reading lost nothing
+    text: List[str] = []
+    for number, line in enumerate(raw, start=1):
+        if line.startswith(b"#"):  # comments are ignored by NRRD readers; never fail on them
+            text.append(line.decode("utf-8", "replace"))
+            continue
+        try:
+            text.append(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"{path}: header line {number} is not UTF-8 text (byte {line[exc.start]:#04x} at offset "
+                f"{exc.start + 1}); 3D Slicer writes segment names and tags as UTF-8. Re-save the file "
+                "from 3D Slicer, or convert its header to UTF-8."
+            ) from None
+    import slicerio
+
+    # pynrrd's header parser takes an iterable of str lines as well as a file; given str it
+    # decodes nothing, so every character reaches slicerio's (unchanged) field parsing.
+    return slicerio.read_segmentation(text, skip_voxels=True)
+
+
+def _ascii_placeholders(value: Any, table: Dict[str, str], nonce: str) -> Any:
+    """``value`` with every non-ASCII string (dict keys included) replaced by an ASCII placeholder.
+
+    ``table`` maps placeholder -> original text. Placeholders are letters and
+    digits only (nothing slicerio joins or splits on: ``| : & ~ ^`` or spaces)
+    and fixed-width, so none is a prefix of another.
+    """
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        placeholder = f"MTSU8{nonce}N{len(table):06d}Z"
+        table[placeholder] = value
+        return placeholder
+    if isinstance(value, dict):
+        return {_ascii_placeholders(k, table, nonce): _ascii_placeholders(v, table, nonce) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ascii_placeholders(v, table, nonce) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_ascii_placeholders(v, table, nonce) for v in value)
+    return value  # numbers, arrays: written by pynrrd as ASCII already
+
+
+def _restore_utf8(path: str, table: Dict[str, str], nonce: str) -> None:
+    """Replace the placeholders in the header of ``path`` by their UTF-8 bytes (header only)."""
+    with open(path, "rb") as fh:
+        content = fh.read()
+    header_end = len(b"".join(_header_lines(path)))
+    header, data = content[:header_end], content[header_end:]
+    for placeholder, text in table.items():
+        header = header.replace(placeholder.encode("ascii"), text.encode("utf-8"))
+    if f"MTSU8{nonce}".encode("ascii") in header:  # cannot happen unless pynrrd changes
+        raise InputError(f"cannot write the segmentation {path}: non-ASCII text could not be stored in the header.")
+    # write a sibling file and move it over, so no half-written file is left behind
+    tmp = f"{path}.{nonce}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(header + data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -220,7 +324,9 @@ def read_seg_nrrd(path) -> Segmentation:
 
     Keeps names, colours, tags (TerminologyEntry and Segmentation.Status as raw
     tag strings), IDs, layers and label values, and the segmentation-level
-    header fields in ``extra``. Masks come out in ``[k, j, i]`` order.
+    header fields in ``extra``. Masks come out in ``[k, j, i]`` order. Header
+    text is UTF-8, as Slicer writes it (names like "R1 肝脏" keep every
+    character); a header that is not UTF-8 raises InputError.
     """
     import slicerio
     from slicerio.segmentation import terminology_entry_to_string
@@ -234,6 +340,16 @@ def read_seg_nrrd(path) -> Segmentation:
         data = slicerio.read_segmentation(path)
     except Exception as exc:  # pynrrd/slicerio raise assorted errors for bad files
         raise VolumeError(f"{path}: not a readable .seg.nrrd segmentation ({exc}).") from None
+    # Non-ASCII names/tags: take the metadata from the UTF-8 header (pynrrd drops those characters).
+    try:
+        utf8_data = _utf8_header_metadata(path)
+    except InputError:
+        raise
+    except Exception as exc:  # same file parsed twice; a failure here means a bad header
+        raise VolumeError(f"{path}: not a readable .seg.nrrd segmentation ({exc}).") from None
+    if utf8_data is not None:
+        utf8_data["voxels"] = data.get("voxels")
+        data = utf8_data
     voxels = data.get("voxels")
     if voxels is None or voxels.ndim not in (3, 4):
         raise VolumeError(f"{path}: the segmentation voxels must be 3D or 4D (layers), got {getattr(voxels, 'shape', None)}.")
@@ -336,7 +452,8 @@ def write_seg_nrrd(path, segmentation: Segmentation, compression_level: int = 6)
     Overlapping segments go to separate layers (4D NRRD, like Slicer). Every
     segment gets Slicer's fields (ID, Name, Color, Tags, Extent, Layer,
     LabelValue, NameAutoGenerated, ColorAutoGenerated); extents are the full
-    grid. The segments' ``layer``/``label_value`` are updated to what was
+    grid. Names, IDs and tags may be any Unicode text: they are stored as
+    UTF-8, as Slicer does. The segments' ``layer``/``label_value`` are updated to what was
     written. Raises InputError for bad tags, colours, duplicate IDs or masks
     not on the grid.
     """
@@ -382,9 +499,21 @@ def write_seg_nrrd(path, segmentation: Segmentation, compression_level: int = 6)
         )
     out["segments"] = segments_out
 
+    # pynrrd writes the header as ASCII: pass non-ASCII text as placeholders, then put its UTF-8 in.
+    nonce = secrets.token_hex(8)
+    utf8_table: Dict[str, str] = {}
+    out = {  # same keys in the same order (header field order), arrays as they are
+        _ascii_placeholders(key, utf8_table, nonce): value
+        if key in ("voxels", "ijkToLPS")
+        else _ascii_placeholders(value, utf8_table, nonce)
+        for key, value in out.items()
+    }
+
     path = os.fspath(path)
     try:
         slicerio.write_segmentation(path, out, compression_level=compression_level)
+        if utf8_table:
+            _restore_utf8(path, utf8_table, nonce)
     except OSError as exc:
         raise InputError(f"cannot write the segmentation {path}: {exc}") from None
     for s, (layer, label) in zip(segmentation.segments, placement):
