@@ -366,22 +366,12 @@ def resolve_reference(
     supplied, turn_names = _known_names(conversation, segment_names)
     if explicit is not None:
         if not (isinstance(explicit, str) and explicit.strip().lower() in AUTO_WORDS):
-            ref = _resolve_explicit(explicit, conversation, supplied, turn_names)
-            if ref is not None and not conversation.turns:
-                raise ReferenceResolutionError(
-                    f"the first round cannot refer to {ref.describe()}: MediRound sees the whole slice in round 1 "
-                    "and takes references from round 2 on; ask without a reference first"
-                )
-            return ref
+            return _resolve_explicit(explicit, conversation, supplied, turn_names)
 
     if not isinstance(prompt, str):
         raise ReferenceResolutionError("the prompt must be text")
     text = _normalise(prompt)
     named, spans = _find_segment_names(text, supplied, turn_names, conversation)
-    if not conversation.turns:
-        # Round 1 sees the whole slice and cannot take a reference: a segment
-        # named in its prompt is just words for the model.
-        named = []
     rest = _blank(text, spans)
     rounds = _find_rounds(rest)
     previous = _find_any(rest, _PREVIOUS_PATTERNS)

@@ -17,13 +17,9 @@ _RESERVED = ADDED_TOKENS + (IMAGE, "<s>", "</s>", "<unk>", "[INST]", "[/INST]")
 
 
 def user_message(prompt: str, *, first: bool, refers: bool) -> str:
-    if first and refers:
-        raise InputError("The first turn on a slice cannot refer to an earlier output.")
-    if first:
-        return IMAGE_PREFIX + prompt
-    if refers:
-        return REFERENCE_PREFIX + prompt
-    return prompt
+    # A first turn that refers to a segment (e.g. one drawn by hand) carries
+    # both markers, in the order the official dataset would substitute them.
+    return (IMAGE_PREFIX if first else "") + (REFERENCE_PREFIX if refers else "") + prompt
 
 
 def render_question(prompt: str, *, first: bool, refers: bool) -> str:

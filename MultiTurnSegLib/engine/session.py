@@ -201,8 +201,6 @@ class SliceSession:
         if spec.answer is not None:
             tpl.check_answer(spec.answer)
         if spec.reference_mask is not None:
-            if not self._turns:
-                raise InputError("The first turn on a slice cannot refer to an earlier output.")
             check_mask(spec.reference_mask, self.image_size_hw)
         return spec
 

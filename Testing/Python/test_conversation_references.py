@@ -259,13 +259,16 @@ def test_turn_segment_supplied_by_front_end_is_a_segment_reference(three):
 
 
 def test_hand_drawn_segment_in_first_round():
-    # Round 1 cannot take a reference: a segment named in its prompt is just words for the model ...
+    # A segment drawn by hand is a valid reference from round 1 on (the model
+    # then sees the slice and the segment's crop and box) ...
     conv = make_conversation(EMPTY)
-    assert resolve_reference("segment the lesion inside the liver", conv, ["Liver"]) is None
-    # ... and an explicit one is refused with a reason.
-    with pytest.raises(ReferenceResolutionError, match="first round cannot refer to segment 'Liver'"):
-        resolve_reference("segment the lesion", conv, ["Liver"], explicit="Liver")
-    assert resolve_reference("segment the lesion", conv, ["Liver"], explicit="none") is None
+    assert resolve_reference("segment the lesion inside the liver", conv, ["Liver"]) == S("Liver")
+    assert resolve_reference("segment the lesion", conv, ["Liver"], explicit="Liver") == S("Liver")
+    assert resolve_reference("segment the lesion inside the liver", conv, ["Liver"], explicit="none") is None
+    # ... but naming the structure being segmented is no reference, and rounds do not exist yet.
+    assert resolve_reference("segment the liver", conv, ["Liver"]) is None
+    with pytest.raises(ReferenceResolutionError, match="first round"):
+        resolve_reference("segment the lesion inside the previous output", conv, ["Liver"])
     # from round 2 on, a hand-drawn segment is a reference
     conv = make_conversation(["segment the liver"])
     assert resolve_reference("segment the lesion inside my drawing", conv, ["My drawing"]) == S("My drawing")

@@ -145,9 +145,11 @@ def test_segment_references_use_the_current_mask(backend, volume, image):
     store = {"My drawing": drawn}
     chat = ChatSession(backend, image, conv, segment_masks=store)
 
-    # round 1 cannot take a reference: the name is just words for the model
+    # a hand-drawn segment is a reference from round 1 on: the model sees the slice and the drawing
     t0 = chat.ask("segment the liver next to my drawing")
-    assert t0.reference is None and t0.reference_mask is None
+    assert t0.reference == Reference.to_segment("My drawing") and np.array_equal(t0.reference_mask, drawn)
+    assert not np.array_equal(t0.mask, chat.ask("segment the liver", reference="none").mask)
+    chat.undo()
     t1 = chat.ask("segment the lesion inside my drawing")
     assert t1.reference == Reference.to_segment("My drawing")
     assert np.array_equal(t1.reference_mask, drawn)

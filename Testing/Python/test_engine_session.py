@@ -272,3 +272,24 @@ def test_bf16_path_runs_close_to_fp32(tiny_model_json, fixture_cases_dir):
     out = eng.new_session(image).run_turn(turn, apply_jcm=False)
     assert out.logits.dtype == np.float32
     assert np.mean(out.mask != exp["mask"][0]) < 0.02
+
+
+def test_first_turn_can_refer_to_a_hand_drawn_mask(engine, fixture_cases_dir):
+    """Round 1 may refer to a segment the user drew: the slice comes first,
+    then the crop and box of that segment; incremental equals full recompute."""
+    case, image, exp = load_case(fixture_cases_dir, "chain3")
+    drawn = np.zeros(image.shape[:2], bool)
+    drawn[40:120, 60:200] = True
+    spec = TurnSpec("Segment the lesion inside the drawn region.", "Sure, [SEG].", drawn)
+    inc = engine.new_session(image).run_turn(spec)
+    full = engine.new_session(image).run_turn(spec, full_recompute=True)
+    tok = engine.info()["token_ids"]
+    ids = list(inc.input_ids)
+    image_at = ids.index(-200)
+    assert ids[image_at + 1: image_at + 3] == [28705, 13]  # "<image>\n" then the reference markers
+    assert ids.index(tok["[CROPPEDIMAGE]"]) > image_at and ids.index(tok["[BBOXINPUT]"]) > image_at
+    np.testing.assert_allclose(inc.ref_box, [60 / 300, 40 / 200, 199 / 300, 119 / 200], atol=1e-6)
+    assert maxdiff(inc.logits, full.logits) < 2e-4
+    # The reference changes the answer: the same prompt without it gives other logits.
+    plain = engine.new_session(image).run_turn(TurnSpec(spec.prompt, spec.answer))
+    assert maxdiff(inc.logits, plain.logits) > 1e-3

@@ -52,8 +52,8 @@ def test_prompt_checks():
         prompt.check_prompt("look at <image>")
     with pytest.raises(InputError):
         prompt.check_answer("[SEG] and [SEG]")
-    with pytest.raises(InputError):
-        prompt.user_message("x", first=True, refers=True)
+    # A first turn referring to a (hand-drawn) segment shows the slice, then the reference.
+    assert prompt.user_message("x", first=True, refers=True) == "<image>\n [CROPPEDIMAGE][BBOXINPUT] x"
     assert prompt.check_answer("Sure, [SEG].") == "Sure, [SEG]."
 
 
