@@ -1,0 +1,1141 @@
+"""MultiTurnSeg: chat with the MediRound segmentation model, slice by slice.
+
+A thin Slicer layer over MultiTurnSegLib (the pip-installable library, shipped
+beside this file). This file holds only what needs Slicer: the panel, reading
+the slice shown in a view, writing masks into segments, the scene storage and
+the self-test. Everything else (rendering slices, references, running turns,
+backends, serialization) is the library's; the Slicer-free helpers of this
+module are in MultiTurnSegSupport/.
+
+MultiTurnSegLib is imported inside functions: torch, transformers, pynrrd...
+may not be installed yet when Slicer loads this module ("Install dependencies"
+in the panel installs them).
+
+Types of Slicer objects are annotated (``x: "vtkMRMLSliceNode" = ...``) where
+the CI check (Testing/Python/test_slicer_module_api.py) cannot infer them, so
+every MRML/VTK call is checked against Slicer's API index.
+"""
+
+import json
+import logging
+import os
+import sys
+import tempfile
+
+import ctk
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ensureImportPaths():
+    """Make MultiTurnSegLib and MultiTurnSegSupport importable.
+
+    Installed extension: both sit beside this file. Source checkout added with
+    "Additional module paths" = <repository>/MultiTurnSeg: the library is one
+    folder up.
+    """
+    for directory in (_MODULE_DIR, os.path.dirname(_MODULE_DIR)):
+        if os.path.isfile(os.path.join(directory, "MultiTurnSegLib", "__init__.py")) or os.path.isfile(
+            os.path.join(directory, "MultiTurnSegSupport", "__init__.py")
+        ):
+            if directory not in sys.path:
+                sys.path.insert(0, directory)
+
+
+_ensureImportPaths()
+
+import MultiTurnSegSupport as support  # noqa: E402  (stdlib only; imports the library lazily)
+
+
+def _resourcePath(relativePath):
+    """Path of Resources/<relativePath>: beside this file once installed, one folder up in a source checkout."""
+    for directory in (_MODULE_DIR, os.path.dirname(_MODULE_DIR)):
+        candidate = os.path.join(directory, "Resources", relativePath)
+        if os.path.exists(candidate):
+            return candidate
+    return os.path.join(_MODULE_DIR, "Resources", relativePath)
+
+
+SLICE_VIEW_NAMES = ("Red", "Yellow", "Green")
+MODULE_NAME = "MultiTurnSeg"
+
+
+#
+# MultiTurnSeg
+#
+
+
+class MultiTurnSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MultiTurnSeg")
+        self.parent.categories = [_("Segmentation")]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["MultiTurnSeg developers"]
+        self.parent.helpText = _(
+            "Chat with the MediRound model about the slice shown in a view. Each answer becomes a new segment "
+            "(named R1, R2, ... after your request); later requests can refer to earlier results "
+            "('the previous output', 'round 2', a segment name), also after you edited them in the Segment Editor. "
+            "The model runs on this computer or on a remote MultiTurnSeg worker. "
+            'See <a href="https://github.com/multiturnseg/SlicerMultiTurnSeg#slicer">the documentation</a>.'
+        )
+        self.parent.acknowledgementText = _(
+            "MultiTurnSeg runs MediRound (multi-round referring medical segmentation). "
+            "Built on 3D Slicer's scripted module template."
+        )
+        iconPath = _resourcePath("Icons/MultiTurnSeg.png")
+        if os.path.isfile(iconPath):
+            self.parent.icon = qt.QIcon(iconPath)
+
+
+#
+# MultiTurnSegWidget
+#
+
+
+class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.ui = None
+        self.task = None
+        self.pollTimer = None
+        self._updatingGUI = False
+
+    # -- setup ---------------------------------------------------------------
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(_resourcePath("UI/MultiTurnSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = MultiTurnSegLogic()
+
+        self.ui.chatHistoryTable.setColumnCount(5)
+        self.ui.chatHistoryTable.setHorizontalHeaderLabels(["", _("Round"), _("Prompt"), _("Answer"), _("JCM")])
+        self.ui.chatHistoryTable.verticalHeader().setVisible(False)
+        self.ui.chatHistoryTable.horizontalHeader().setStretchLastSection(False)
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.setVisible(False)
+        self._fillWindowPresets()
+        self._fillReferenceChoices()
+
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(100)
+        self.pollTimer.connect("timeout()", self.onPollTask)
+
+        # Connections
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
+
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
+        self.ui.sliceViewSelector.connect("currentIndexChanged(int)", self.onSettingsChanged)
+        self.ui.windowPresetSelector.connect("currentIndexChanged(int)", self.onSettingsChanged)
+        self.ui.promptLineEdit.connect("returnPressed()", self.onSend)
+        self.ui.sendButton.connect("clicked(bool)", self.onSend)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.ui.newConversationButton.connect("clicked(bool)", self.onNewConversation)
+        self.ui.goToSliceButton.connect("clicked(bool)", self.onGoToSlice)
+        self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.localBackendRadioButton.connect("toggled(bool)", self.onBackendKindChanged)
+        self.ui.remoteBackendRadioButton.connect("toggled(bool)", self.onBackendKindChanged)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onSettingsChanged)
+        self.ui.deviceSelector.connect("currentTextChanged(QString)", self.onSettingsChanged)
+        self.ui.workerUrlLineEdit.connect("editingFinished()", self.onSettingsChanged)
+        self.ui.workerTokenLineEdit.connect("editingFinished()", self.onSettingsChanged)
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+
+        self._loadSettings()
+        self.initializeFromScene()
+
+    def cleanup(self):
+        self.removeObservers()
+        if self.pollTimer:
+            self.pollTimer.stop()
+        if self.task and not self.task.done:
+            self.task.cancel()
+        if self.logic:
+            self.logic.closeBackend()
+
+    def enter(self):
+        self.initializeFromScene()
+
+    def onSceneStartClose(self, caller, event):
+        if self.task and not self.task.done:
+            self.task.cancel()
+        self.logic.forgetConversation()
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeFromScene()
+
+    def onSceneEndImport(self, caller, event):
+        # A loaded scene brings its parameter node: restore inputs and chat.
+        self.initializeFromScene()
+
+    # -- GUI <-> parameter node ------------------------------------------------
+    def _fillWindowPresets(self):
+        self.ui.windowPresetSelector.clear()
+        try:
+            from MultiTurnSegLib import imaging
+
+            names = list(imaging.window_names())
+        except ImportError:
+            names = ["auto"]
+        for name in names:
+            self.ui.windowPresetSelector.addItem(name)
+
+    def _fillReferenceChoices(self):
+        combo = self.ui.referenceSelector
+        previous = combo.currentData
+        combo.clear()
+        combo.addItem(_("Automatic (from the prompt)"), support.REFERENCE_AUTO)
+        combo.addItem(_("None"), support.REFERENCE_NONE)
+        segmentationNode = self.ui.segmentationSelector.currentNode()
+        if segmentationNode:
+            for segmentId, name in self.logic.segmentNamesAndIds(segmentationNode):
+                combo.addItem(_("Segment: {name}").format(name=name), "segment:" + segmentId)
+        index = combo.findData(previous) if previous else 0
+        combo.setCurrentIndex(max(0, index))
+
+    def _loadSettings(self):
+        """Backend settings of this computer (never the token)."""
+        settings = qt.QSettings()
+        kind = settings.value("MultiTurnSeg/BackendKind", support.BACKEND_LOCAL)
+        self.ui.remoteBackendRadioButton.setChecked(kind == support.BACKEND_REMOTE)
+        self.ui.localBackendRadioButton.setChecked(kind != support.BACKEND_REMOTE)
+        self.ui.modelPathLineEdit.setCurrentPath(settings.value("MultiTurnSeg/ModelPath", ""))
+        self.ui.deviceSelector.setCurrentText(settings.value("MultiTurnSeg/Device", "auto"))
+        self.ui.workerUrlLineEdit.setText(settings.value("MultiTurnSeg/WorkerUrl", ""))
+        self._updateBackendFrames()
+
+    def _saveSettings(self):
+        settings = qt.QSettings()
+        settings.setValue("MultiTurnSeg/BackendKind", self.backendKind())
+        settings.setValue("MultiTurnSeg/ModelPath", self.ui.modelPathLineEdit.currentPath)
+        settings.setValue("MultiTurnSeg/Device", self.ui.deviceSelector.currentText)
+        settings.setValue("MultiTurnSeg/WorkerUrl", self.ui.workerUrlLineEdit.text)
+
+    def backendKind(self):
+        return support.BACKEND_REMOTE if self.ui.remoteBackendRadioButton.checked else support.BACKEND_LOCAL
+
+    def backendConfig(self):
+        return {
+            "kind": self.backendKind(),
+            "model_path": self.ui.modelPathLineEdit.currentPath.strip(),
+            "device": self.ui.deviceSelector.currentText.strip() or "auto",
+            "url": self.ui.workerUrlLineEdit.text.strip(),
+            "token": self.ui.workerTokenLineEdit.text.strip(),
+        }
+
+    def initializeFromScene(self):
+        """Select the inputs stored in the parameter node (or sensible defaults) and show its conversation."""
+        if not self.ui:
+            return
+        self._updatingGUI = True
+        try:
+            parameterNode: "vtkMRMLScriptedModuleNode" = self.logic.getParameterNode()
+            volumeNode = parameterNode.GetNodeReference(support.REFERENCE_INPUT_VOLUME)
+            if not volumeNode:
+                volumeNode = self.ui.inputVolumeSelector.currentNode() or slicer.mrmlScene.GetFirstNodeByClass(
+                    "vtkMRMLScalarVolumeNode"
+                )
+            segmentationNode = parameterNode.GetNodeReference(support.REFERENCE_SEGMENTATION)
+            if not segmentationNode:
+                segmentationNode = self.ui.segmentationSelector.currentNode()
+            self.ui.inputVolumeSelector.setCurrentNode(volumeNode)
+            self.ui.segmentationSelector.setCurrentNode(segmentationNode)
+            view = parameterNode.GetParameter("SliceView")
+            if view in SLICE_VIEW_NAMES:
+                self.ui.sliceViewSelector.setCurrentIndex(SLICE_VIEW_NAMES.index(view))
+            window = parameterNode.GetParameter("WindowPreset")
+            if window:
+                index = self.ui.windowPresetSelector.findText(window)
+                if index >= 0:
+                    self.ui.windowPresetSelector.setCurrentIndex(index)
+        finally:
+            self._updatingGUI = False
+        self.logic.loadConversation()
+        self._storeInputs()
+        self.updateChat()
+
+    def _storeInputs(self):
+        self.logic.setInputs(
+            self.ui.inputVolumeSelector.currentNode(),
+            self.ui.segmentationSelector.currentNode(),
+            self.ui.sliceViewSelector.currentText,
+            self.ui.windowPresetSelector.currentText,
+        )
+
+    def onInputsChanged(self, node=None):
+        if self._updatingGUI:
+            return
+        self._storeInputs()
+        self._fillReferenceChoices()
+        self.updateChat()
+
+    def onSettingsChanged(self, *args):
+        if self._updatingGUI:
+            return
+        self._storeInputs()
+        self._saveSettings()
+        self.updateButtons()
+
+    def onBackendKindChanged(self, checked=True):
+        self._updateBackendFrames()
+        self.onSettingsChanged()
+
+    def _updateBackendFrames(self):
+        remote = self.ui.remoteBackendRadioButton.checked
+        self.ui.localBackendFrame.setVisible(not remote)
+        self.ui.remoteBackendFrame.setVisible(remote)
+        self._updateDependencyStatus()
+
+    def _updateDependencyStatus(self):
+        missing = support.missing_requirements(self.backendKind())
+        if missing:
+            self.ui.dependenciesStatusLabel.setText(
+                _("Missing Python packages: {packages}").format(packages=", ".join(missing.describe()))
+            )
+        else:
+            self.ui.dependenciesStatusLabel.setText(_("All Python packages for this backend are installed."))
+        self.ui.installDependenciesButton.setEnabled(bool(missing))
+
+    # -- chat display ----------------------------------------------------------
+    def updateChat(self):
+        table = self.ui.chatHistoryTable
+        conversation = self.logic.conversation
+        turns = conversation.turns if conversation is not None else []
+        table.setRowCount(len(turns))
+        for row, turn in enumerate(turns):
+            swatch = qt.QTableWidgetItem("")
+            swatch.setBackground(qt.QBrush(qt.QColor(support.color_hex(turn.color))))
+            swatch.setToolTip(turn.segment_name)
+            table.setItem(row, 0, swatch)
+            roundItem = qt.QTableWidgetItem(f"R{turn.round}")
+            roundItem.setToolTip(
+                _("Segment {name}; refers to {reference}").format(
+                    name=turn.segment_name, reference=support.reference_text(turn.reference)
+                )
+            )
+            table.setItem(row, 1, roundItem)
+            promptItem = qt.QTableWidgetItem(turn.prompt)
+            promptItem.setToolTip(turn.prompt)
+            table.setItem(row, 2, promptItem)
+            answerItem = qt.QTableWidgetItem(turn.answer)
+            answerItem.setToolTip(turn.answer)
+            table.setItem(row, 3, answerItem)
+            text, low, tip = support.jcm_text(turn.jcm_score, turn.jcm_refined)
+            jcmItem = qt.QTableWidgetItem(text)
+            jcmItem.setToolTip(tip)
+            if low:
+                jcmItem.setForeground(qt.QBrush(qt.QColor("#d03030")))
+            table.setItem(row, 4, jcmItem)
+        table.resizeColumnsToContents()
+        if turns:
+            table.scrollToBottom()
+        if conversation is not None:
+            self.ui.conversationInfoLabel.setText(
+                _("Conversation on {axis} slice {index} of {volume} ({count} turns).").format(
+                    axis=conversation.axis, index=conversation.slice_index, volume=conversation.volume, count=len(turns)
+                )
+            )
+        else:
+            self.ui.conversationInfoLabel.setText(_("No conversation yet: type a request to start one on the slice shown."))
+        self._fillReferenceChoices()
+        self.updateButtons()
+
+    def updateButtons(self):
+        running = bool(self.task and not self.task.done)
+        haveInputs = bool(self.ui.inputVolumeSelector.currentNode())
+        haveTurns = bool(self.logic.conversation is not None and self.logic.conversation.turns)
+        self.ui.sendButton.setEnabled(haveInputs and not running)
+        self.ui.promptLineEdit.setEnabled(not running)
+        self.ui.undoButton.setEnabled(haveTurns and not running)
+        self.ui.newConversationButton.setEnabled(self.logic.conversation is not None and not running)
+        self.ui.goToSliceButton.setEnabled(self.logic.conversation is not None)
+        self.ui.exportButton.setEnabled(bool(self.ui.segmentationSelector.currentNode()) and not running)
+        self.ui.testConnectionButton.setEnabled(not running)
+        self.ui.progressBar.setVisible(running)
+        self.ui.cancelButton.setVisible(running)
+
+    def showStatus(self, message, error=False):
+        self.ui.statusLabel.setText(message)
+        self.ui.statusLabel.setStyleSheet("color: #d03030;" if error else "")
+        if error:
+            logging.warning("MultiTurnSeg: %s", message)
+
+    # -- turns -----------------------------------------------------------------
+    def onSend(self):
+        if self.task and not self.task.done:
+            return
+        prompt = self.ui.promptLineEdit.text.strip()
+        if not prompt:
+            self.showStatus(_("Type what to segment, e.g. 'Segment the liver'."), error=True)
+            return
+        self._storeInputs()
+        try:
+            self.task = self.logic.startTurn(
+                prompt, self.ui.referenceSelector.currentData, self.backendConfig()
+            )
+        except Exception as exc:
+            self.showStatus(support.error_message(exc), error=True)
+            return
+        self.showStatus(_("Running the turn..."))
+        self.ui.progressBar.setValue(0)
+        self.pollTimer.start()
+        self.updateButtons()
+
+    def onCancel(self):
+        if self.task and not self.task.done:
+            self.task.cancel()
+            self.showStatus(_("Cancelling: the result of this turn will be discarded."))
+
+    def onPollTask(self):
+        task = self.task
+        if task is None:
+            self.pollTimer.stop()
+            return
+        stage, fraction, elapsed = task.poll()
+        self.ui.progressBar.setValue(int(round(fraction * 100)))
+        self.ui.progressBar.setFormat(f"{stage} ({elapsed:.0f} s)")
+        if not task.done:
+            return
+        self.pollTimer.stop()
+        try:
+            message = self.logic.finishTask(task)
+            self.showStatus(message or "")
+            if getattr(task, "kind", "") == "turn" and not task.cancelled and task.error is None:
+                self.ui.promptLineEdit.setText("")
+        except Exception as exc:
+            self.showStatus(support.error_message(exc), error=True)
+        if getattr(task, "kind", "") == "test-connection":
+            ok = task.error is None and not task.cancelled
+            self.ui.workerInfoLabel.setText(self.logic.describeWorkerInfo(task.result) if ok else "")
+        self.updateChat()
+
+    def onUndo(self):
+        try:
+            turn = self.logic.undoLastTurn()
+            self.showStatus(_("Removed round {round} ({name}).").format(round=turn.round, name=turn.segment_name))
+        except Exception as exc:
+            self.showStatus(support.error_message(exc), error=True)
+        self.updateChat()
+
+    def onNewConversation(self):
+        self.logic.newConversation()
+        self.showStatus(_("New conversation: the next request starts it on the slice shown. Existing segments are kept."))
+        self.updateChat()
+
+    def onGoToSlice(self):
+        try:
+            self.logic.showConversationSlice()
+        except Exception as exc:
+            self.showStatus(support.error_message(exc), error=True)
+
+    # -- export ------------------------------------------------------------------
+    def onExport(self):
+        segmentationNode = self.ui.segmentationSelector.currentNode()
+        dicom = self.ui.exportFormatSelector.currentIndex == 1
+        if dicom:
+            directory = qt.QFileDialog.getExistingDirectory(None, _("Export DICOM-SEG into folder"))
+            if not directory:
+                return
+            target = directory
+        else:
+            target = qt.QFileDialog.getSaveFileName(
+                None, _("Export segmentation"), (segmentationNode.GetName() if segmentationNode else "segmentation") + ".seg.nrrd",
+                "Segmentation (*.seg.nrrd)",
+            )
+            if not target:
+                return
+        try:
+            path = self.logic.exportSegmentation(target, dicom=dicom)
+            self.showStatus(_("Exported to {path}").format(path=path))
+        except Exception as exc:
+            self.showStatus(support.error_message(exc), error=True)
+
+    # -- backend -----------------------------------------------------------------
+    def onTestConnection(self):
+        if self.task and not self.task.done:
+            return
+        self.ui.workerInfoLabel.setText(_("Connecting..."))
+        try:
+            self.task = self.logic.startTestConnection(self.backendConfig())
+        except Exception as exc:
+            self.ui.workerInfoLabel.setText("")
+            self.showStatus(support.error_message(exc), error=True)
+            return
+        self.pollTimer.start()
+        self.updateButtons()
+
+    def onInstallDependencies(self):
+        kind = self.backendKind()
+        dicom = self.ui.exportFormatSelector.currentIndex == 1
+        missing = support.missing_requirements(kind, dicom=dicom)
+        if not missing:
+            self.showStatus(_("All Python packages for this backend are installed."))
+            return
+        text = _("MultiTurnSeg will install these Python packages into Slicer:") + "\n\n"
+        text += "\n".join("  - " + item for item in missing.describe())
+        text += "\n\n" + _("This downloads several hundred MB to a few GB and can take minutes. Continue?")
+        if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Install MultiTurnSeg dependencies")):
+            return
+        try:
+            self.logic.installDependencies(missing)
+            self.showStatus(_("Dependencies installed."))
+        except Exception as exc:
+            self.showStatus(_("Installing dependencies failed: {error}").format(error=exc), error=True)
+        self._updateDependencyStatus()
+        self._fillWindowPresets()
+
+
+#
+# MultiTurnSegLogic
+#
+
+
+class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
+    """What needs Slicer: views, volume and segmentation nodes, the parameter node.
+
+    Turns run in a background thread (support.BackgroundTask); the GUI (or the
+    self-test) polls ``task.done`` and then calls :meth:`finishTask` in the
+    main thread, which writes the result into the scene.
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.conversation = None  # MultiTurnSegLib.conversation.Conversation of the current chat
+        self._backend = None
+        self._backendKey = None
+        self._pendingTurn = None
+
+    # -- parameter node ----------------------------------------------------------
+    def setInputs(self, volumeNode: "vtkMRMLScalarVolumeNode", segmentationNode: "vtkMRMLSegmentationNode", sliceViewName, windowPreset):
+        parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
+        parameterNode.SetNodeReferenceID(support.REFERENCE_INPUT_VOLUME, volumeNode.GetID() if volumeNode else None)
+        parameterNode.SetNodeReferenceID(
+            support.REFERENCE_SEGMENTATION, segmentationNode.GetID() if segmentationNode else None
+        )
+        parameterNode.SetParameter("SliceView", sliceViewName or "Red")
+        parameterNode.SetParameter("WindowPreset", windowPreset or "auto")
+
+    def inputVolume(self) -> "vtkMRMLScalarVolumeNode":
+        parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
+        return parameterNode.GetNodeReference(support.REFERENCE_INPUT_VOLUME)
+
+    def segmentationNode(self, create=False) -> "vtkMRMLSegmentationNode":
+        parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
+        segmentationNode: "vtkMRMLSegmentationNode" = parameterNode.GetNodeReference(support.REFERENCE_SEGMENTATION)
+        if segmentationNode is None and create:
+            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MultiTurnSeg")
+            segmentationNode.CreateDefaultDisplayNodes()
+            parameterNode.SetNodeReferenceID(support.REFERENCE_SEGMENTATION, segmentationNode.GetID())
+        return segmentationNode
+
+    def loadConversation(self):
+        """The conversation stored in the parameter node (None if there is none or it is unreadable)."""
+        parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
+        text = parameterNode.GetParameter(support.PARAMETER_CONVERSATION)
+        if not text:
+            self.conversation = None
+            return None
+        from MultiTurnSegLib.conversation import conversation_from_json_text
+
+        try:
+            self.conversation = conversation_from_json_text(text)
+        except Exception as exc:
+            logging.error("MultiTurnSeg: the stored conversation cannot be read (%s); starting a new one.", exc)
+            self.conversation = None
+        return self.conversation
+
+    def saveConversation(self):
+        parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
+        if self.conversation is None:
+            parameterNode.SetParameter(support.PARAMETER_CONVERSATION, "")
+            return
+        from MultiTurnSegLib.conversation import conversation_to_json_text
+
+        parameterNode.SetParameter(support.PARAMETER_CONVERSATION, conversation_to_json_text(self.conversation, indent=None))
+
+    def forgetConversation(self):
+        self.conversation = None
+        self._pendingTurn = None
+
+    def newConversation(self):
+        self.conversation = None
+        self.saveConversation()
+
+    # -- volume and slice ----------------------------------------------------------
+    def volumeFromNode(self, volumeNode: "vtkMRMLScalarVolumeNode"):
+        """The library Volume of a scalar volume node (array not copied: use it in the main thread)."""
+        import numpy as np
+
+        from MultiTurnSegLib import imaging
+
+        if volumeNode is None:
+            raise ValueError(_("Select an input volume."))
+        if volumeNode.GetParentTransformNode() is not None:
+            raise ValueError(
+                _("The volume {name} is under a transform: harden the transform (Data module) first.").format(
+                    name=volumeNode.GetName()
+                )
+            )
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        matrix = np.array([[ijkToRas.GetElement(r, c) for c in range(4)] for r in range(4)])
+        ijkToLps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix
+        return imaging.volume_from_array(slicer.util.arrayFromVolume(volumeNode), ijkToLps, source=volumeNode.GetName())
+
+    def sliceShownInView(self, volume, sliceViewName):
+        """(axis, index) of the slice of ``volume`` shown in the named slice view."""
+        from MultiTurnSegLib import imaging
+
+        layoutManager: "qSlicerLayoutManager" = slicer.app.layoutManager()
+        if layoutManager is None:
+            raise ValueError(_("No slice views are available (Slicer runs without its main window)."))
+        sliceWidget: "qMRMLSliceWidget" = layoutManager.sliceWidget(sliceViewName)
+        if sliceWidget is None:
+            raise ValueError(
+                _("The {view} slice view is not in the current layout; choose another view or layout.").format(
+                    view=sliceViewName
+                )
+            )
+        sliceNode: "vtkMRMLSliceNode" = sliceWidget.mrmlSliceNode()
+        sliceToRas: "vtkMatrix4x4" = sliceNode.GetSliceToRAS()
+        normalRas = [sliceToRas.GetElement(row, 2) for row in range(3)]
+        centerRas = [sliceToRas.GetElement(row, 3) for row in range(3)]
+        try:
+            axis = support.axis_for_view(volume, normalRas, view_name=_("The {view} view").format(view=sliceViewName))
+        except support.ObliqueViewError as exc:
+            raise ValueError(str(exc)) from None
+        index = imaging.slice_index_at(volume, axis, support.ras_to_lps(centerRas))
+        return axis, index
+
+    def showConversationSlice(self):
+        """Move the chosen slice view to the conversation's slice."""
+        from MultiTurnSegLib import imaging
+
+        if self.conversation is None:
+            return
+        parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
+        volume = self.volumeFromNode(self.inputVolume())
+        centerLps = imaging.slice_center_lps(volume, self.conversation.axis, self.conversation.slice_index)
+        layoutManager: "qSlicerLayoutManager" = slicer.app.layoutManager()
+        sliceWidget: "qMRMLSliceWidget" = layoutManager.sliceWidget(parameterNode.GetParameter("SliceView") or "Red")
+        sliceNode: "vtkMRMLSliceNode" = sliceWidget.mrmlSliceNode()
+        ras = support.ras_to_lps(centerLps)  # the same sign flip maps LPS back to RAS
+        sliceNode.JumpSliceByCentering(ras[0], ras[1], ras[2])
+
+    # -- segments ------------------------------------------------------------------
+    def segmentNamesAndIds(self, segmentationNode: "vtkMRMLSegmentationNode"):
+        segmentation: "vtkSegmentation" = segmentationNode.GetSegmentation()
+        result = []
+        for i in range(segmentation.GetNumberOfSegments()):
+            segmentId = segmentation.GetNthSegmentID(i)
+            segment: "vtkSegment" = segmentation.GetSegment(segmentId)
+            result.append((segmentId, segment.GetName()))
+        return result
+
+    def segmentMaskOnSlice(self, segmentationNode: "vtkMRMLSegmentationNode", segmentId, volumeNode, volume, axis, index):
+        """The segment's CURRENT content on the slice, as an (H, W) bool mask (hand edits included)."""
+        from MultiTurnSegLib import imaging
+
+        labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        return imaging.extract_mask(labelmap, volume, axis, index)
+
+    def turnSegmentId(self, segmentationNode: "vtkMRMLSegmentationNode", turn):
+        """ID of the segment of ``turn`` of the current conversation, or None if it was deleted."""
+        from MultiTurnSegLib.conversation.segments import segment_id_for
+
+        segmentId = segment_id_for(self.conversation, turn)
+        segmentation: "vtkSegmentation" = segmentationNode.GetSegmentation()
+        return segmentId if segmentation.GetSegment(segmentId) is not None else None
+
+    def _writeTurnSegment(self, segmentationNode: "vtkMRMLSegmentationNode", volumeNode, volume, conversation, turn):
+        """Add the turn's mask as a NEW segment (other segments untouched); return its ID."""
+        import numpy as np
+
+        from MultiTurnSegLib import imaging
+        from MultiTurnSegLib.conversation.segments import segment_id_for, segment_tags
+        from MultiTurnSegLib.export.terminology import terminology_entry_for
+
+        segmentation: "vtkSegmentation" = segmentationNode.GetSegmentation()
+        segmentId = segment_id_for(conversation, turn)
+        if segmentation.GetSegment(segmentId) is not None:
+            segmentation.RemoveSegment(segmentId)  # a stale segment of an undone round
+        segmentId = segmentation.AddEmptySegment(segmentId, turn.segment_name, list(turn.color))
+        labelmap = np.zeros(volume.shape, dtype=np.uint8)
+        imaging.insert_mask(labelmap, volume, conversation.axis, conversation.slice_index, turn.mask, 1)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(labelmap, segmentationNode, segmentId, volumeNode)
+        segment: "vtkSegment" = segmentation.GetSegment(segmentId)
+        segment.SetName(turn.segment_name)
+        segment.SetColor(*[float(c) for c in turn.color])
+        for name, value in segment_tags(conversation, turn).items():
+            segment.SetTag(name, value)
+        terminologyEntry = terminology_entry_for(turn.prompt)
+        if terminologyEntry:
+            segment.SetTerminology(terminologyEntry)
+        return segmentId
+
+    # -- backend -------------------------------------------------------------------
+    def _backendFactory(self, config):
+        """A function (run in the background thread) that returns the backend for ``config``."""
+        kind = config.get("kind")
+        if kind == support.BACKEND_REMOTE:
+            url = config.get("url", "")
+            if not url:
+                raise ValueError(_("Enter the worker URL (Inference backend section)."))
+            key = ("remote", url, config.get("token", ""))
+        else:
+            path = config.get("model_path", "")
+            if not path:
+                raise ValueError(
+                    _("No model is configured: choose the model description file (model.json) in the Inference backend section.")
+                )
+            if not os.path.isfile(path):
+                raise ValueError(_("The model description file {path} does not exist.").format(path=path))
+            missing = support.missing_requirements(support.BACKEND_LOCAL)
+            if missing:
+                raise ValueError(
+                    _("Local inference needs {packages}: click 'Install dependencies'.").format(
+                        packages=", ".join(missing.describe())
+                    )
+                )
+            key = ("local", os.path.abspath(path), config.get("device", "auto"))
+        if key == self._backendKey and self._backend is not None:
+            backend = self._backend
+            return key, lambda: backend
+
+        def create():
+            if kind == support.BACKEND_REMOTE:
+                from MultiTurnSegLib.backends.remote import RemoteBackend
+
+                return RemoteBackend(key[1], token=key[2] or None)
+            from MultiTurnSegLib.backends.local import LocalBackend
+
+            return LocalBackend.from_model_json(key[1], device=key[2])
+
+        return key, create
+
+    def closeBackend(self):
+        backend, self._backend, self._backendKey = self._backend, None, None
+        if backend is not None:
+            try:
+                backend.close()
+            except Exception as exc:  # closing must not fail the GUI
+                logging.warning("MultiTurnSeg: closing the backend failed: %s", exc)
+
+    def _adoptBackend(self, key, backend):
+        if key != self._backendKey:
+            self.closeBackend()
+            self._backend, self._backendKey = backend, key
+
+    def startTestConnection(self, config):
+        if config.get("kind") != support.BACKEND_REMOTE:
+            raise ValueError(_("Test connection is for a remote worker."))
+        key, create = self._backendFactory(config)
+
+        def run(progress):
+            progress("connecting", 0.1)
+            backend = create()
+            return key, backend, backend.test_connection()
+
+        task = support.BackgroundTask(run, name="MultiTurnSeg test connection")
+        task.kind = "test-connection"
+        return task.start()
+
+    @staticmethod
+    def describeWorkerInfo(result):
+        """One line about the worker's model, from its info() answer."""
+        _key, _backend, info = result
+        keys = ("model", "stage", "device", "dtype", "jcm_available", "version")
+        parts = [f"{k}: {info[k]}" for k in keys if k in info]
+        return _("Connected. ") + ("; ".join(parts) if parts else json.dumps(info)[:300])
+
+    # -- turns ---------------------------------------------------------------------
+    def startTurn(self, prompt, referenceChoice, backendConfig, jcm="always"):
+        """Prepare a turn in the main thread and start it in the background; return the task.
+
+        referenceChoice: support.REFERENCE_AUTO, support.REFERENCE_NONE or "segment:<segment id>".
+        """
+        from MultiTurnSegLib.conversation import ChatSession, Conversation, Reference
+
+        volumeNode = self.inputVolume()
+        if volumeNode is None:
+            raise ValueError(_("Select an input volume."))
+        parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
+        sliceViewName = parameterNode.GetParameter("SliceView") or "Red"
+        window = parameterNode.GetParameter("WindowPreset") or "auto"
+        volume = self.volumeFromNode(volumeNode)
+        axis, index = self.sliceShownInView(volume, sliceViewName)
+
+        conversation = self.conversation
+        if conversation is not None and conversation.turns:
+            if conversation.volume != volumeNode.GetID() or (conversation.axis, conversation.slice_index) != (axis, index):
+                raise ValueError(
+                    _(
+                        "This conversation is about {axis} slice {index}; the {view} view shows {axis2} slice {index2}. "
+                        "Click 'Show slice' to go back, or 'New conversation' to start one on this slice."
+                    ).format(
+                        axis=conversation.axis, index=conversation.slice_index, view=sliceViewName, axis2=axis, index2=index
+                    )
+                )
+            window = conversation.window or window
+        from MultiTurnSegLib import imaging
+
+        image = imaging.render_slice(volume, axis, index, window)
+        if conversation is None or not conversation.turns:
+            conversation = Conversation(
+                volume=volumeNode.GetID(), axis=axis, slice_index=index, image_size=tuple(image.shape[:2]), window=window
+            )
+
+        segmentationNode = self.segmentationNode(create=True)
+        if segmentationNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) is None:
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        namesAndIds = self.segmentNamesAndIds(segmentationNode)
+        idOfName = {name: segmentId for segmentId, name in namesAndIds}
+        names = [name for _segmentId, name in namesAndIds]
+
+        # Resolve the reference here (main thread): the referenced segment's
+        # CURRENT content on this slice is read from the scene, so hand edits
+        # count. A round whose segment still exists refers to that segment.
+        explicit = None
+        if referenceChoice == support.REFERENCE_NONE:
+            explicit = "none"
+        elif isinstance(referenceChoice, str) and referenceChoice.startswith("segment:"):
+            segmentId = referenceChoice[len("segment:"):]
+            segmentation: "vtkSegmentation" = segmentationNode.GetSegmentation()
+            segment: "vtkSegment" = segmentation.GetSegment(segmentId)
+            if segment is None:
+                raise ValueError(_("The chosen reference segment no longer exists."))
+            explicit = Reference.to_segment(segment.GetName())
+        probe = ChatSession(None, image, conversation, segment_names=names)
+        reference = probe.resolve(prompt, explicit)
+        masks = {}
+        if reference is not None and reference.kind == "round":
+            turn = conversation.turn(reference.round)
+            segmentId = self.turnSegmentId(segmentationNode, turn) if self.conversation is conversation else None
+            if segmentId is not None:
+                segmentation: "vtkSegmentation" = segmentationNode.GetSegmentation()
+                segment: "vtkSegment" = segmentation.GetSegment(segmentId)
+                reference = Reference.to_segment(segment.GetName())
+                idOfName[segment.GetName()] = segmentId
+        if reference is not None and reference.kind == "segment":
+            segmentId = idOfName.get(reference.segment)
+            if segmentId is not None:
+                masks[reference.segment] = self.segmentMaskOnSlice(
+                    segmentationNode, segmentId, volumeNode, volume, axis, index
+                )
+        key, createBackend = self._backendFactory(backendConfig)
+
+        # The background thread works on a copy: a cancelled or failed turn
+        # leaves the conversation (and the scene) exactly as it was.
+        working = conversation.copy()
+        session_kwargs = {"segment_masks": masks, "segment_names": list(names) + list(masks), "jcm": jcm}
+
+        def run(progress):
+            progress("loading model" if key != self._backendKey else "preparing", 0.0)
+            backend = createBackend()
+            session = ChatSession(backend, image, working, **session_kwargs)
+            turn = session.ask(prompt, reference=reference if reference is not None else "none", progress=progress)
+            return key, backend, turn
+
+        task = support.BackgroundTask(run)
+        task.kind = "turn"
+        self._pendingTurn = {
+            "task": task,
+            "conversation": conversation,
+            "volumeNodeId": volumeNode.GetID(),
+            "segmentationNodeId": segmentationNode.GetID(),
+        }
+        return task.start()
+
+    def finishTask(self, task):
+        """Main thread: apply a finished background task to the scene; return a status message.
+
+        Raises the task's error (the conversation and segments stay as they were).
+        """
+        if task.kind == "test-connection":
+            if task.error is not None:
+                raise task.error
+            key, backend, _info = task.result
+            self._adoptBackend(key, backend)
+            return _("Worker reachable.")
+        pending, self._pendingTurn = self._pendingTurn, None
+        if pending is None or pending["task"] is not task:
+            return ""
+        if task.error is not None:
+            if isinstance(task.error, support.Cancelled):
+                return _("Turn cancelled.")
+            raise task.error
+        key, backend, turn = task.result
+        self._adoptBackend(key, backend)
+        if task.cancelled:
+            return _("Turn cancelled; its result was discarded.")
+        volumeNode: "vtkMRMLScalarVolumeNode" = slicer.mrmlScene.GetNodeByID(pending["volumeNodeId"])
+        segmentationNode: "vtkMRMLSegmentationNode" = slicer.mrmlScene.GetNodeByID(pending["segmentationNodeId"])
+        if volumeNode is None or segmentationNode is None:
+            raise ValueError(_("The volume or segmentation was removed while the turn was running; result discarded."))
+        conversation = pending["conversation"]
+        volume = self.volumeFromNode(volumeNode)
+        self._writeTurnSegment(segmentationNode, volumeNode, volume, conversation, turn)
+        conversation.append(turn)
+        self.conversation = conversation
+        self.saveConversation()
+        text, low, _tip = support.jcm_text(turn.jcm_score, turn.jcm_refined)
+        message = _("Round {round}: {name}").format(round=turn.round, name=turn.segment_name)
+        if low:
+            message += " - " + _("low JCM score {score}: check it").format(score=text)
+        return message
+
+    def runTurnAndWait(self, prompt, referenceChoice, backendConfig, timeout=600.0):
+        """Start a turn and process events until it finishes (scripts and the self-test)."""
+        import time
+
+        task = self.startTurn(prompt, referenceChoice, backendConfig)
+        deadline = time.monotonic() + timeout
+        while not task.done:
+            slicer.app.processEvents()
+            task.wait(0.05)
+            if time.monotonic() > deadline:
+                task.cancel()
+                raise TimeoutError(f"the turn did not finish in {timeout:.0f} s")
+        self.finishTask(task)
+        return self.conversation.turns[-1]
+
+    def undoLastTurn(self):
+        """Remove the last turn and its segment."""
+        if self.conversation is None or not self.conversation.turns:
+            raise ValueError(_("There is no turn to undo."))
+        segmentationNode: "vtkMRMLSegmentationNode" = self.segmentationNode()
+        turn = self.conversation.turns[-1]
+        if segmentationNode is not None:
+            segmentId = self.turnSegmentId(segmentationNode, turn)
+            if segmentId is not None:
+                segmentation: "vtkSegmentation" = segmentationNode.GetSegmentation()
+                segmentation.RemoveSegment(segmentId)
+        self.conversation.undo()
+        self.saveConversation()
+        return turn
+
+    # -- export --------------------------------------------------------------------
+    def exportSegmentation(self, target, dicom=False):
+        segmentationNode: "vtkMRMLSegmentationNode" = self.segmentationNode()
+        if segmentationNode is None:
+            raise ValueError(_("Select a segmentation to export."))
+        if not dicom:
+            path = target if target.endswith(".seg.nrrd") else target + ".seg.nrrd"
+            if not slicer.util.saveNode(segmentationNode, path):
+                raise RuntimeError(_("Writing {path} failed.").format(path=path))
+            return path
+        return self._exportDicomSeg(segmentationNode, target)
+
+    def _exportDicomSeg(self, segmentationNode: "vtkMRMLSegmentationNode", directory):
+        """DICOM-SEG through the library (needs a volume loaded from DICOM, and highdicom)."""
+        import shutil
+
+        import numpy as np
+
+        volumeNode: "vtkMRMLScalarVolumeNode" = self.inputVolume()
+        instanceUids = volumeNode.GetAttribute("DICOM.instanceUIDs") if volumeNode else None
+        if not instanceUids:
+            raise ValueError(_("DICOM-SEG export needs the input volume to be loaded from DICOM (DICOM module)."))
+        missing = support.missing_requirements(support.BACKEND_REMOTE, dicom=True)
+        if missing:
+            raise ValueError(
+                _("DICOM-SEG export needs {packages}: click 'Install dependencies'.").format(packages=", ".join(missing.pip))
+            )
+        from MultiTurnSegLib.export.dicom_seg import write_dicom_seg
+        from MultiTurnSegLib.segmentation_io import Segment, Segmentation
+
+        volume = self.volumeFromNode(volumeNode)
+        segments = []
+        segmentation: "vtkSegmentation" = segmentationNode.GetSegmentation()
+        for segmentId, name in self.segmentNamesAndIds(segmentationNode):
+            segment: "vtkSegment" = segmentation.GetSegment(segmentId)
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+            tags = {}
+            if segment.HasTerminology():
+                tags["TerminologyEntry"] = segment.GetTerminology()
+            segments.append(Segment(id=segmentId, name=name, color=tuple(segment.GetColor()), mask=np.asarray(mask) != 0, tags=tags))
+        exportable = Segmentation(ijk_to_lps=volume.ijk_to_lps, shape=volume.shape, segments=segments)
+        output = os.path.join(directory, segmentationNode.GetName() + ".dcm")
+        with tempfile.TemporaryDirectory() as seriesDir:
+            # The series' files may be spread over the DICOM database: gather them in one folder.
+            for i, uid in enumerate(instanceUids.split()):
+                source = slicer.dicomDatabase.fileForInstance(uid)
+                if not source:
+                    raise ValueError(_("The DICOM file of instance {uid} is not in the DICOM database.").format(uid=uid))
+                shutil.copy(source, os.path.join(seriesDir, f"{i:05d}.dcm"))
+            write_dicom_seg(exportable, seriesDir, output)
+        return output
+
+    # -- dependencies --------------------------------------------------------------
+    def installDependencies(self, missing):
+        """Install what ``missing`` (support.MissingPackages) lists; main thread (pip shows a dialog)."""
+        if missing.torch:
+            if not hasattr(slicer.modules, "pytorchutils"):
+                raise RuntimeError(
+                    _("Install the PyTorch extension (Extensions Manager), restart Slicer, then try again.")
+                )
+            import PyTorchUtils
+
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.1")
+            if torch is None:
+                raise RuntimeError(_("PyTorch was not installed."))
+        if missing.pip:
+            slicer.util.pip_install(list(missing.pip), requester=MODULE_NAME)
+
+
+#
+# MultiTurnSegTest
+#
+
+
+class MultiTurnSegTest(ScriptedLoadableModuleTest):
+    """Three-turn conversation with a tiny random model on a sample CT.
+
+    Needs the library's dependencies (torch, transformers, ...) and network
+    access for the sample data. Runs from Developer Mode "Reload and Test" and
+    as the ctest py_MultiTurnSeg.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ThreeTurnConversation()
+
+    def _setUpInputs(self) -> "vtkMRMLScalarVolumeNode":
+        import SampleData
+
+        volumeNode: "vtkMRMLScalarVolumeNode" = SampleData.SampleDataLogic().downloadSample("CTChest")
+        self.assertIsNotNone(volumeNode)
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Chat")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+        return volumeNode
+
+    def test_ThreeTurnConversation(self):
+        import numpy as np
+
+        missing = support.missing_requirements(support.BACKEND_LOCAL)
+        self.assertFalse(
+            missing, "Install the dependencies first (MultiTurnSeg panel > Install dependencies): " + ", ".join(missing.describe())
+        )
+        from MultiTurnSegLib import imaging
+        from MultiTurnSegLib.engine.random_weights import build_random_model
+
+        self.delayDisplay("Building a tiny random model")
+        modelJson = str(build_random_model(os.path.join(slicer.app.temporaryPath, "MultiTurnSeg-random-model")))
+        config = {"kind": support.BACKEND_LOCAL, "model_path": modelJson, "device": "cpu", "url": "", "token": ""}
+
+        volumeNode: "vtkMRMLScalarVolumeNode" = self._setUpInputs()
+        segmentationNode: "vtkMRMLSegmentationNode" = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+        logic = MultiTurnSegLogic()
+        logic.setInputs(volumeNode, segmentationNode, "Red", "lung")
+        volume = logic.volumeFromNode(volumeNode)
+        axis, index = logic.sliceShownInView(volume, "Red")
+        self.assertEqual(axis, "axial")
+
+        # An unrelated, hand-drawn segment (on the conversation's slice and on
+        # another one) must stay untouched by the turns' new segments.
+        unrelated = np.zeros(volume.shape, dtype=np.uint8)
+        otherIndex = 0 if index > 0 else 1
+        block = np.zeros(imaging.slice_shape(volume, axis), dtype=bool)
+        block[10:30, 10:30] = True
+        imaging.insert_mask(unrelated, volume, axis, otherIndex, block, 1)
+        imaging.insert_mask(unrelated, volume, axis, index, block, 1)
+        segmentation: "vtkSegmentation" = segmentationNode.GetSegmentation()
+        unrelatedId = segmentation.AddEmptySegment("hand_drawn", "Hand drawn", [0.2, 0.2, 0.9])
+        slicer.util.updateSegmentBinaryLabelmapFromArray(unrelated, segmentationNode, unrelatedId, volumeNode)
+        unrelatedBefore = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, unrelatedId, volumeNode).copy()
+
+        self.delayDisplay("Round 1")
+        turn1 = logic.runTurnAndWait("Segment the liver in this abdominal CT slice.", support.REFERENCE_AUTO, config)
+        self.assertTrue(turn1.segment_name.startswith("R1"), turn1.segment_name)
+
+        # Hand-edit round 1's segment on the slice: round 2 must refer to the edited content.
+        r1Id = logic.turnSegmentId(segmentationNode, turn1)
+        self.assertIsNotNone(r1Id)
+        edited = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, r1Id, volumeNode)
+        edit2d = imaging.extract_mask(edited, volume, axis, index)
+        edit2d[:, :] = False
+        edit2d[40:80, 50:120] = True
+        edited[:] = 0
+        imaging.insert_mask(edited, volume, axis, index, edit2d, 1)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(edited, segmentationNode, r1Id, volumeNode)
+
+        self.delayDisplay("Round 2 (refers to round 1)")
+        turn2 = logic.runTurnAndWait("Segment the organ located posterior to the previous output.", support.REFERENCE_AUTO, config)
+        self.assertTrue(turn2.segment_name.startswith("R2"), turn2.segment_name)
+        self.assertIsNotNone(turn2.reference)
+        self.assertTrue(np.array_equal(turn2.reference_mask, edit2d), "round 2 must refer to the edited round-1 segment")
+
+        self.delayDisplay("Round 3 (explicit: no reference)")
+        turn3 = logic.runTurnAndWait("Segment the spleen.", support.REFERENCE_NONE, config)
+        self.assertTrue(turn3.segment_name.startswith("R3"), turn3.segment_name)
+        self.assertIsNone(turn3.reference)
+
+        # Segments: names, masks only on the conversation's slice, unrelated segment intact.
+        for turn in logic.conversation.turns:
+            segmentId = logic.turnSegmentId(segmentationNode, turn)
+            self.assertIsNotNone(segmentId)
+            segment: "vtkSegment" = segmentation.GetSegment(segmentId)
+            self.assertEqual(segment.GetName(), turn.segment_name)
+            array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+            onSlice = imaging.extract_mask(array, volume, axis, index)
+            self.assertEqual(int(array.astype(bool).sum()), int(onSlice.sum()), "a turn's segment must lie on its slice only")
+        unrelatedAfter = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, unrelatedId, volumeNode)
+        self.assertTrue(np.array_equal(unrelatedBefore.astype(bool), unrelatedAfter.astype(bool)))
+
+        self.delayDisplay("Undo")
+        r3Id = logic.turnSegmentId(segmentationNode, turn3)
+        logic.undoLastTurn()
+        self.assertEqual(len(logic.conversation.turns), 2)
+        self.assertIsNone(segmentation.GetSegment(r3Id))
+
+        self.delayDisplay("Save and reload the scene")
+        sceneFile = os.path.join(slicer.app.temporaryPath, "MultiTurnSegSelfTest.mrb")
+        self.assertTrue(slicer.util.saveScene(sceneFile))
+        conversationId = logic.conversation.id
+        slicer.mrmlScene.Clear()
+        slicer.util.loadScene(sceneFile)
+        reloaded = MultiTurnSegLogic()
+        conversation = reloaded.loadConversation()
+        self.assertIsNotNone(conversation, "the conversation must be restored from the scene")
+        self.assertEqual(conversation.id, conversationId)
+        self.assertEqual([t.segment_name for t in conversation.turns], [turn1.segment_name, turn2.segment_name])
+        self.assertEqual(conversation.turns[1].reference, turn2.reference)
+        self.assertTrue(np.array_equal(conversation.turns[1].reference_mask, edit2d))
+        reloadedSegmentation = reloaded.segmentationNode()
+        self.assertIsNotNone(reloadedSegmentation)
+        for turn in conversation.turns:
+            self.assertIsNotNone(reloaded.turnSegmentId(reloadedSegmentation, turn))
+        widget = slicer.util.getModuleWidget(MODULE_NAME) if slicer.util.mainWindow() else None
+        if widget is not None:
+            widget.initializeFromScene()
+            self.assertEqual(widget.ui.chatHistoryTable.rowCount, 2)
+        self.delayDisplay("Test passed")
