@@ -306,25 +306,3 @@ PARAMETER_NAMES = (
 )
 REFERENCE_INPUT_VOLUME = "InputVolume"
 REFERENCE_SEGMENTATION = "Segmentation"
-
-TAG_CONVERSATION_ID = "MultiTurnSeg.ConversationId"
-TAG_ROUND = "MultiTurnSeg.Round"
-TAG_TURN = "MultiTurnSeg.Turn"  # encode_for_tag(turn_tag_payload(...)): provenance travels with the .seg.nrrd
-
-
-def turn_tag_payload(conversation, turn) -> Dict:
-    """What a turn's segment carries about its origin (no masks)."""
-    ref = turn.reference
-    return {
-        "conversation": conversation.id,
-        "volume": conversation.volume,
-        "axis": conversation.axis,
-        "slice_index": int(conversation.slice_index),
-        "round": int(turn.round),
-        "prompt": turn.prompt,
-        "answer": turn.answer,
-        "reference": None if ref is None else ref.describe(),
-        "jcm_score": turn.jcm_score,
-        "jcm_refined": bool(turn.jcm_refined),
-        "created": turn.created,
-    }
