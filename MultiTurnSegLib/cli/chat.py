@@ -1,0 +1,392 @@
+"""``multiturnseg chat``: a scripted multi-turn conversation on one slice of a volume.
+
+One turn per prompt; a prompt refers to an earlier result in words ("round 1",
+"the previous output", "it", a segment's name, Chinese phrasing too) or
+explicitly in a script. Writes every turn as a segment of a ``.seg.nrrd``
+(``R1 lungs``, ``R2 region inside round 1`` ...), optionally one PNG per turn
+and the conversation transcript (JSON, reloadable).
+
+Script format (``--script S.json``): a list of turns, or an object with a
+``turns`` list (and optionally ``axis``, ``slice``, ``window`` used when the
+command line does not give them). A turn is a prompt string or an object::
+
+    {"prompt": "Segment the lesion inside round 1",
+     "reference": 1,            # optional: round number, "R1", a segment name, "none" or "auto"
+     "answer": "It is [SEG]."}  # optional: teacher-forced answer text (one [SEG])
+
+If a turn fails (for example it refers to a round that does not exist), the
+turns done so far are still written, the error is reported and the command
+exits with a non-zero status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_TURN_KEYS = {"prompt", "reference", "answer"}
+
+
+@dataclass
+class ScriptTurn:
+    prompt: str
+    reference: Union[None, int, str] = None
+    answer: Optional[str] = None
+
+
+@dataclass
+class ChatOutcome:
+    """What ``run_chat`` produced."""
+
+    conversation: object
+    segmentation_path: Optional[Path] = None
+    png_paths: List[Path] = field(default_factory=list)
+    transcript_path: Optional[Path] = None
+    error: Optional[BaseException] = None
+
+
+# --------------------------------------------------------------------------- parser
+def add_model_arguments(parser: argparse.ArgumentParser, *, remote: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    source = group.add_mutually_exclusive_group(required=False)
+    source.add_argument("--model", metavar="MODEL.json", help="model description file (local inference)")
+    if remote:
+        source.add_argument("--worker", metavar="URL", help="URL of a MultiTurnSeg worker (remote inference)")
+        group.add_argument("--token", help="the worker's bearer token (or set MULTITURNSEG_TOKEN)")
+    group.add_argument("--device", default="auto", help="local inference: auto, cpu, cuda or cuda:N (default auto)")
+    group.add_argument(
+        "--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+        help="local inference: weight precision (default: bf16 on a GPU, fp32 on the CPU)",
+    )
+    group.add_argument("--load-in-4bit", action="store_true", help="local inference: 4-bit language model (bitsandbytes, CUDA)")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "chat",
+        help="run a multi-turn conversation on one slice and write the segments",
+        description=(
+            "Run MediRound on one slice of a volume, one turn per prompt; later prompts can refer to "
+            "earlier results ('round 1', 'the previous output', 'it', a segment name). Writes a .seg.nrrd "
+            "with one segment per turn (named like 'R2 lesion inside round 1'), optional PNGs of every "
+            "turn and a JSON transcript."
+        ),
+        epilog=(
+            "Example: multiturnseg chat ct.nrrd --axis axial --slice 40 --window lung --model model.json "
+            "--prompt 'Segment the lungs' --prompt 'Segment the lesion inside round 1' -o out.seg.nrrd "
+            "--png-dir pngs --transcript chat.json"
+        ),
+    )
+    parser.add_argument("volume", help="volume file (NRRD, NIfTI, ...) or DICOM series folder")
+    parser.add_argument("--axis", default=None, help="axial, coronal or sagittal (default axial)")
+    parser.add_argument("--slice", type=int, default=None, dest="slice_index",
+                        help="slice index along the axis, 0-based (default: the middle slice)")
+    parser.add_argument("--window", default=None,
+                        help="window preset (ct-abdomen, lung, brain, bone, mediastinum, auto) or WIDTH/LEVEL "
+                        "(default auto)")
+    turns = parser.add_mutually_exclusive_group(required=True)
+    turns.add_argument("--prompt", action="append", metavar="TEXT", help="a turn's prompt (repeat for more turns)")
+    turns.add_argument("--script", metavar="S.json", help="JSON file with the turns (see 'multiturnseg chat --help')")
+    add_model_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.seg.nrrd", help="segmentation file to write")
+    parser.add_argument("--png-dir", metavar="DIR", help="write one PNG per turn (slice with all segments so far)")
+    parser.add_argument("--transcript", metavar="OUT.json", help="write the conversation (reloadable JSON)")
+    parser.add_argument("--jcm", default="always", choices=("always", "off"),
+                        help="run the Judgment & Correction head on every turn (default) or never")
+    parser.add_argument("--answer-mode", default="template", choices=("template", "generate"),
+                        help="answer text fed to the model: a fixed template (default) or greedy generation")
+    parser.set_defaults(func=run)
+    return parser
+
+
+# --------------------------------------------------------------------------- script
+def load_script(path) -> Tuple[List[ScriptTurn], dict]:
+    """Read a chat script; returns (turns, settings) — settings may hold axis/slice/window."""
+    from ..errors import ConversationFormatError, InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"the script {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversationFormatError(f"the script {path} is not valid JSON: {exc}") from None
+    settings = {}
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - {"turns", "axis", "slice", "window"})
+        if unknown:
+            raise ConversationFormatError(
+                f"the script {path} has unknown key(s) {', '.join(unknown)}; allowed: turns, axis, slice, window"
+            )
+        settings = {k: data[k] for k in ("axis", "slice", "window") if k in data}
+        data = data.get("turns")
+    if not isinstance(data, list) or not data:
+        raise ConversationFormatError(f"the script {path} must hold a non-empty list of turns")
+    turns = []
+    for i, item in enumerate(data, 1):
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict):
+            raise ConversationFormatError(f"turn {i} of {path} must be a prompt text or an object with 'prompt'")
+        unknown = sorted(set(item) - ALLOWED_TURN_KEYS)
+        if unknown:
+            raise ConversationFormatError(
+                f"turn {i} of {path} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(ALLOWED_TURN_KEYS))}"
+            )
+        prompt = item.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConversationFormatError(f"turn {i} of {path} needs a non-empty 'prompt'")
+        ref = item.get("reference")
+        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (int, str))):
+            raise ConversationFormatError(f"turn {i} of {path}: 'reference' must be a round number or a name")
+        answer = item.get("answer")
+        if answer is not None and (not isinstance(answer, str) or answer.count("[SEG]") != 1):
+            raise ConversationFormatError(f"turn {i} of {path}: 'answer' must be text with exactly one [SEG]")
+        turns.append(ScriptTurn(prompt=prompt, reference=ref, answer=answer))
+    return turns, settings
+
+
+# --------------------------------------------------------------------------- pictures
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def render_turn_picture(image_rgb, turns, spacing: Optional[Tuple[float, float]] = None, min_width: int = 512,
+                        title: Optional[str] = None):
+    """The slice with every turn's mask in its colour, to physical scale, with a caption.
+
+    ``turns``: the conversation's turns up to and including the one shown
+    (the last one is described in the caption). Returns a PIL image.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from ..imaging import overlay, physical_size
+
+    masks = [t.mask for t in turns]
+    colors = [t.color for t in turns]
+    blended = overlay(image_rgb, masks, colors, alpha=0.45, outline=True) if turns else np.asarray(image_rgb)
+    picture = Image.fromarray(np.ascontiguousarray(blended))
+    h, w = blended.shape[:2]
+    if spacing is not None:
+        h, w = physical_size((h, w), spacing)
+    scale = max(1.0, min_width / float(w))
+    size = (int(round(w * scale)), int(round(h * scale)))
+    if size != picture.size:
+        picture = picture.resize(size, Image.BILINEAR)
+
+    width = picture.size[0]
+    font_size = max(12, width // 40)
+    font = _font(font_size)
+    small = _font(max(11, int(font_size * 0.8)))
+    chars = max(20, int(width / (font_size * 0.55)))
+    lines: List[Tuple[str, object, Optional[tuple]]] = []
+    if title:
+        lines.append((title, small, None))
+    if turns:
+        last = turns[-1]
+        for i, chunk in enumerate(textwrap.wrap(f"Round {last.round}: {last.prompt}", chars) or [""]):
+            lines.append((chunk, font, None))
+        details = [f"answer: {last.answer}"]
+        if last.reference is not None:
+            details.append(f"refers to {last.reference.describe()}")
+        if last.jcm_score is not None:
+            details.append(f"JCM {last.jcm_score:.2f}" + (" (corrected)" if last.jcm_refined else ""))
+        area = int(np.count_nonzero(last.mask))
+        details.append(f"{area} px ({100.0 * area / last.mask.size:.1f}%)")
+        for chunk in textwrap.wrap(" | ".join(details), int(chars / 0.8)):
+            lines.append((chunk, small, None))
+        for t in turns:
+            lines.append((t.segment_name or f"R{t.round}", small, tuple(int(round(c * 255)) for c in t.color)))
+    pad = max(6, font_size // 2)
+    line_h = [int(f.size * 1.35) if hasattr(f, "size") else 14 for _, f, _ in lines]
+    caption_h = pad * 2 + sum(line_h)
+    canvas = Image.new("RGB", (width, picture.size[1] + caption_h), (20, 20, 20))
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = picture.size[1] + pad
+    for (text, f, swatch), lh in zip(lines, line_h):
+        x = pad
+        if swatch is not None:
+            box = int(lh * 0.7)
+            draw.rectangle([x, y + (lh - box) // 2, x + box, y + (lh - box) // 2 + box], fill=swatch)
+            x += box + pad
+        draw.text((x, y), text, fill=(235, 235, 235), font=f)
+        y += lh
+    return canvas
+
+
+# --------------------------------------------------------------------------- running
+def make_backend(args):
+    """LocalBackend (``--model``) or RemoteBackend (``--worker``)."""
+    from ..errors import InputError
+
+    worker = getattr(args, "worker", None)
+    if worker:
+        from ..backends.remote import RemoteBackend
+
+        token = getattr(args, "token", None) or os.environ.get("MULTITURNSEG_TOKEN")
+        return RemoteBackend(worker, token=token)
+    if not args.model:
+        raise InputError("give the model: --model MODEL.json (local) or --worker URL --token T (remote)")
+    from ..backends.local import LocalBackend
+
+    return LocalBackend.from_model_json(
+        args.model, device=args.device, dtype=args.dtype, load_in_4bit=bool(args.load_in_4bit)
+    )
+
+
+def _describe_turn(turn) -> str:
+    import numpy as np
+
+    area = int(np.count_nonzero(turn.mask))
+    parts = [f"{turn.segment_name}:"]
+    if turn.reference is not None:
+        parts.append(f"refers to {turn.reference.describe()};")
+    parts.append(f"answer {turn.answer!r};")
+    parts.append(f"{area} px ({100.0 * area / turn.mask.size:.1f}% of the slice)")
+    if turn.jcm_score is not None:
+        parts.append(f"; JCM score {turn.jcm_score:.3f}" + (" -> corrected" if turn.jcm_refined else ""))
+    total = turn.timings.get("total")
+    if total is not None:
+        parts.append(f"; {total:.2f} s")
+    return " ".join(parts).replace(" ;", ";")
+
+
+def _terminology():
+    """prompt -> Slicer TerminologyEntry tag (None where no code fits), if available."""
+    try:
+        from ..export.terminology import terminology_entry_for
+    except ImportError:  # pragma: no cover - export is part of the library
+        return None
+    return terminology_entry_for
+
+
+def run_chat(
+    backend,
+    volume_path,
+    turns: Sequence[ScriptTurn],
+    output,
+    *,
+    axis: str = "axial",
+    slice_index: Optional[int] = None,
+    window="auto",
+    png_dir=None,
+    transcript=None,
+    jcm: str = "always",
+    answer_mode: str = "template",
+    picture_title: Optional[str] = None,
+    out=None,
+) -> ChatOutcome:
+    """Run the turns and write the outputs; never raises for a failing turn
+    (the error is returned in ``ChatOutcome.error`` after writing what was done)."""
+    from ..conversation import ChatSession, Conversation, conversation_segments, save_conversation
+    from ..errors import InputError
+    from ..imaging import check_axis, num_slices, parse_window, read_volume, render_slice, slice_spacing
+    from ..segmentation_io import Segmentation, write_seg_nrrd
+
+    out = out or sys.stdout
+    axis = check_axis(axis)
+    parse_window(window)
+    output = Path(output)
+    if not output.name.endswith(".seg.nrrd"):
+        raise InputError(f"the output {output} must be a .seg.nrrd file")
+    volume = read_volume(volume_path)
+    n = num_slices(volume, axis)
+    index = n // 2 if slice_index is None else int(slice_index)
+    if not 0 <= index < n:
+        raise InputError(f"slice {index} is outside the volume: the {axis} axis has slices 0..{n - 1}")
+    image = render_slice(volume, axis, index, window)
+    spacing = slice_spacing(volume, axis)
+    conversation = Conversation(
+        volume=Path(str(volume_path)).name, axis=axis, slice_index=index,
+        image_size=(int(image.shape[0]), int(image.shape[1])),
+        window=window if isinstance(window, str) else tuple(window),
+    )
+    print(f"{Path(str(volume_path)).name}: {axis} slice {index} of 0..{n - 1} "
+          f"({image.shape[1]}x{image.shape[0]} pixels), window {window}", file=out)
+    session = ChatSession(backend, image, conversation, jcm=jcm, answer_mode=answer_mode)
+    outcome = ChatOutcome(conversation=conversation)
+    if png_dir is not None:
+        png_dir = Path(png_dir)
+        png_dir.mkdir(parents=True, exist_ok=True)
+    for i, st in enumerate(turns, 1):
+        try:
+            turn = session.ask(st.prompt, reference=st.reference, answer=st.answer)
+        except Exception as exc:  # keep what was done; report after writing
+            outcome.error = exc
+            print(f"turn {i} ({st.prompt!r}) failed: {exc}", file=out)
+            break
+        print(_describe_turn(turn), file=out)
+        if png_dir is not None:
+            path = png_dir / f"round_{turn.round:02d}.png"
+            render_turn_picture(image, conversation.turns, spacing, title=picture_title).save(path)
+            outcome.png_paths.append(path)
+
+    if conversation.turns:
+        segmentation = Segmentation.for_volume(volume)
+        segmentation.segments.extend(conversation_segments(conversation, volume, terminology=_terminology()))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_seg_nrrd(output, segmentation)
+        outcome.segmentation_path = output
+        print(f"wrote {output} ({len(conversation.turns)} segment(s))", file=out)
+    if transcript is not None:
+        transcript = Path(transcript)
+        transcript.parent.mkdir(parents=True, exist_ok=True)
+        save_conversation(conversation, transcript)
+        outcome.transcript_path = transcript
+        print(f"wrote {transcript}", file=out)
+    if outcome.png_paths:
+        print(f"wrote {len(outcome.png_paths)} PNG(s) to {png_dir}", file=out)
+    return outcome
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import MultiTurnSegError
+
+    if args.script:
+        turns, settings = load_script(args.script)
+    else:
+        turns, settings = [ScriptTurn(prompt=p) for p in args.prompt], {}
+    axis = args.axis or settings.get("axis") or "axial"
+    slice_index = args.slice_index if args.slice_index is not None else settings.get("slice")
+    window = args.window or settings.get("window") or "auto"
+    # Check the cheap things before loading a model.
+    from ..imaging import check_axis, parse_window
+
+    check_axis(axis)
+    parse_window(window)
+    if not str(args.output).endswith(".seg.nrrd"):
+        from ..errors import InputError
+
+        raise InputError(f"the output {args.output} must be a .seg.nrrd file")
+    t0 = time.perf_counter()
+    backend = make_backend(args)
+    logger.info("backend ready in %.1f s", time.perf_counter() - t0)
+    try:
+        outcome = run_chat(
+            backend, args.volume, turns, args.output, axis=axis, slice_index=slice_index, window=window,
+            png_dir=args.png_dir, transcript=args.transcript, jcm=args.jcm, answer_mode=args.answer_mode,
+        )
+    finally:
+        backend.close()
+    if outcome.error is not None:
+        if isinstance(outcome.error, MultiTurnSegError):
+            raise outcome.error
+        raise outcome.error
+    return 0

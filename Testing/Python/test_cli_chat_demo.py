@@ -1,0 +1,97 @@
+"""``multiturnseg chat`` and ``multiturnseg demo`` end to end on slicerio's chest CT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from MultiTurnSegLib.cli import main  # noqa: E402
+
+PROMPTS = ["Segment the lungs", "Segment the region inside round 1", "Segment the structure next to it"]
+
+
+def _chat(ct, model, out, *extra):
+    return main(["chat", str(ct), "--axis", "axial", "--slice", "17", "--window", "lung", "--model", str(model),
+                 "--device", "cpu", "-o", str(out), *extra])
+
+
+def test_chat_writes_segments_pngs_and_transcript(tmp_path, ct_chest_path, tiny_model_json, capsys):
+    from MultiTurnSegLib.conversation import load_conversation
+    from MultiTurnSegLib.imaging import extract_mask, read_volume
+    from MultiTurnSegLib.segmentation_io import read_seg_nrrd
+
+    out = tmp_path / "out.seg.nrrd"
+    args = []
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    rc = _chat(ct_chest_path, tiny_model_json, out, *args, "--png-dir", str(tmp_path / "png"),
+               "--transcript", str(tmp_path / "chat.json"))
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "R2 region inside round 1: refers to round 1" in text
+    seg = read_seg_nrrd(out)
+    names = [s.name for s in seg.segments]
+    assert len(names) == 3 and [n.split(" ")[0] for n in names] == ["R1", "R2", "R3"]
+    assert names[1] == "R2 region inside round 1"
+    volume = read_volume(ct_chest_path)
+    for s in seg.segments:
+        on_slice = extract_mask(s.mask, volume, "axial", 17)
+        assert on_slice.any() and s.mask.sum() == on_slice.sum()  # only the chat's slice
+    pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert pngs == ["round_01.png", "round_02.png", "round_03.png"]
+    conv = load_conversation(tmp_path / "chat.json")
+    assert [t.reference.round if t.reference else None for t in conv.turns] == [None, 1, 2]
+    assert conv.axis == "axial" and conv.slice_index == 17
+
+
+def test_chat_bad_reference_fails_clearly_and_keeps_earlier_turns(tmp_path, ct_chest_path, tiny_model_json, capsys):
+    from MultiTurnSegLib.segmentation_io import read_seg_nrrd
+
+    out = tmp_path / "bad.seg.nrrd"
+    rc = _chat(ct_chest_path, tiny_model_json, out, "--prompt", "Segment the lungs",
+               "--prompt", "Segment the lesion inside round 5")
+    captured = capsys.readouterr()
+    assert rc != 0
+    assert "round 5" in captured.err and "Traceback" not in captured.err
+    assert [s.name.split(" ")[0] for s in read_seg_nrrd(out).segments] == ["R1"]
+
+
+def test_chat_script_with_explicit_reference_and_bad_script(tmp_path, ct_chest_path, tiny_model_json, capsys):
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps({"turns": ["Segment the lungs",
+                                            {"prompt": "Segment the heart", "reference": 1, "answer": "It is [SEG]."}]}))
+    out = tmp_path / "s.seg.nrrd"
+    assert _chat(ct_chest_path, tiny_model_json, out, "--script", str(script), "--jcm", "off",
+                 "--transcript", str(tmp_path / "t.json")) == 0
+    turns = json.loads((tmp_path / "t.json").read_text())["turns"]
+    assert turns[1]["answer"] == "It is [SEG]." and turns[1]["jcm_score"] is None
+    script.write_text(json.dumps({"turns": [{"prompt": "x", "colour": 1}]}))
+    assert _chat(ct_chest_path, tiny_model_json, out, "--script", str(script)) == 2
+    assert "unknown key" in capsys.readouterr().err
+    assert main(["chat", str(ct_chest_path), "--prompt", "x", "-o", str(tmp_path / "x.nrrd"),
+                 "--model", str(tiny_model_json)]) == 2
+
+
+def test_demo_end_to_end(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    from PIL import Image
+
+    from MultiTurnSegLib.segmentation_io import read_seg_nrrd
+
+    # same cache folder as test_random_weights: the model is built once per session
+    monkeypatch.setenv("MULTITURNSEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mts-cache"))
+    rc = main(["demo", "-o", str(tmp_path / "demo"), "--device", "cpu"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "RANDOM weights" in text and "model.json" in text
+    folder = tmp_path / "demo"
+    seg = read_seg_nrrd(folder / "demo.seg.nrrd")
+    assert len(seg.segments) == 3
+    assert (folder / "demo_transcript.json").is_file()
+    for r in (1, 2, 3):
+        with Image.open(folder / f"round_{r:02d}.png") as im:
+            assert im.width >= 512 and im.height > im.width  # picture + caption
+    assert (tmp_path_factory.getbasetemp() / "mts-cache").is_dir()
