@@ -50,6 +50,7 @@ class ChatOutcome:
 
     conversation: object
     segmentation_path: Optional[Path] = None
+    dicom_seg_path: Optional[Path] = None
     png_paths: List[Path] = field(default_factory=list)
     transcript_path: Optional[Path] = None
     error: Optional[BaseException] = None
@@ -101,6 +102,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, metavar="OUT.seg.nrrd", help="segmentation file to write")
     parser.add_argument("--png-dir", metavar="DIR", help="write one PNG per turn (slice with all segments so far)")
     parser.add_argument("--transcript", metavar="OUT.json", help="write the conversation (reloadable JSON)")
+    parser.add_argument("--dicom-series", metavar="DIR",
+                        help="also export the segments as DICOM-SEG referencing this DICOM series "
+                             "(the series VOLUME was read from)")
+    parser.add_argument("--dicom-seg-output", metavar="OUT.dcm",
+                        help="DICOM-SEG file to write with --dicom-series (default: OUT with .dcm instead of .seg.nrrd)")
     parser.add_argument("--jcm", default="always", choices=("always", "off"),
                         help="run the Judgment & Correction head on every turn (default) or never")
     parser.add_argument("--answer-mode", default="template", choices=("template", "generate"),
@@ -291,6 +297,8 @@ def run_chat(
     jcm: str = "always",
     answer_mode: str = "template",
     picture_title: Optional[str] = None,
+    dicom_series=None,
+    dicom_seg_output=None,
     out=None,
 ) -> ChatOutcome:
     """Run the turns and write the outputs; never raises for a failing turn
@@ -345,6 +353,14 @@ def run_chat(
         write_seg_nrrd(output, segmentation)
         outcome.segmentation_path = output
         print(f"wrote {output} ({len(conversation.turns)} segment(s))", file=out)
+        if dicom_series is not None:
+            from ..export.dicom_seg import export_conversation_dicom_seg
+
+            dicom_out = Path(dicom_seg_output) if dicom_seg_output else output.with_name(
+                output.name[: -len(".seg.nrrd")] + ".dcm")
+            export_conversation_dicom_seg(conversation, volume, dicom_series, dicom_out)
+            outcome.dicom_seg_path = dicom_out
+            print(f"wrote {dicom_out} (DICOM-SEG on {Path(str(dicom_series)).name})", file=out)
     if transcript is not None:
         transcript = Path(transcript)
         transcript.parent.mkdir(parents=True, exist_ok=True)
@@ -357,8 +373,6 @@ def run_chat(
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import MultiTurnSegError
-
     if args.script:
         turns, settings = load_script(args.script)
     else:
@@ -382,11 +396,10 @@ def run(args: argparse.Namespace) -> int:
         outcome = run_chat(
             backend, args.volume, turns, args.output, axis=axis, slice_index=slice_index, window=window,
             png_dir=args.png_dir, transcript=args.transcript, jcm=args.jcm, answer_mode=args.answer_mode,
+            dicom_series=args.dicom_series, dicom_seg_output=args.dicom_seg_output,
         )
     finally:
         backend.close()
     if outcome.error is not None:
-        if isinstance(outcome.error, MultiTurnSegError):
-            raise outcome.error
         raise outcome.error
     return 0

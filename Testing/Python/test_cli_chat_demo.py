@@ -95,3 +95,38 @@ def test_demo_end_to_end(tmp_path, tmp_path_factory, monkeypatch, capsys):
         with Image.open(folder / f"round_{r:02d}.png") as im:
             assert im.width >= 512 and im.height > im.width  # picture + caption
     assert (tmp_path_factory.getbasetemp() / "mts-cache").is_dir()
+
+
+def test_chat_on_a_dicom_series_exports_dicom_seg(tmp_path, ct_chest_path, tiny_model_json, capsys):
+    """chat VOLUME=series --dicom-series series: the DICOM-SEG holds one segment
+    per turn, coded from the prompt, on exactly the voxels of the .seg.nrrd."""
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    from test_export_dicom_seg import frames_to_volume, make_ct_series
+
+    from MultiTurnSegLib.segmentation_io import read_seg_nrrd
+
+    series = tmp_path / "series"
+    grid = make_ct_series(ct_chest_path, series)
+    out = tmp_path / "chat.seg.nrrd"
+    rc = main(["chat", str(series), "--axis", "axial", "--slice", "17", "--window", "lung",
+               "--model", str(tiny_model_json), "--device", "cpu", "-o", str(out),
+               "--prompt", "Segment the left lung", "--prompt", "Segment the nodule inside round 1",
+               "--dicom-series", str(series)])
+    assert rc == 0, capsys.readouterr().err
+    dcm = tmp_path / "chat.dcm"
+    assert f"wrote {dcm}" in capsys.readouterr().out
+    ds = pydicom.dcmread(dcm)
+    labels = [s.SegmentLabel for s in ds.SegmentSequence]
+    assert labels == [s.name for s in read_seg_nrrd(out).segments]
+    lung = ds.SegmentSequence[0]
+    assert lung.SegmentedPropertyTypeCodeSequence[0].CodeValue == "39607008"  # SNOMED: lung
+    assert lung.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "7771000"  # left
+    rebuilt, _ = frames_to_volume(ds, grid["shape"], grid["ijk_to_lps"])
+    seg = read_seg_nrrd(out)
+    from MultiTurnSegLib.imaging import read_volume
+    from MultiTurnSegLib.segmentation_io import check_geometry
+
+    check_geometry(seg, read_volume(series))
+    for number, segment in enumerate(seg.segments, 1):
+        np.testing.assert_array_equal(rebuilt[number], segment.mask)
