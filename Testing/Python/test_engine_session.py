@@ -200,8 +200,8 @@ def test_failed_turns_leave_session_unchanged(engine, fixture_cases_dir, monkeyp
 def test_template_answer_and_input_checks(engine, fixture_cases_dir):
     _, image, _ = load_case(fixture_cases_dir, "single")
     session = engine.new_session(image)
-    with pytest.raises(InputError):
-        session.run_turn(TurnSpec("Segment the liver.", reference_mask=np.zeros(image.shape[:2], bool)))
+    with pytest.raises(InputError, match="shape"):  # a reference on another grid than the slice
+        session.run_turn(TurnSpec("Segment the liver.", reference_mask=np.zeros(image.shape[:2][::-1], bool)))
     with pytest.raises(InputError):
         session.run_turn(TurnSpec("Segment [SEG] the liver."))
     with pytest.raises(InputError):
