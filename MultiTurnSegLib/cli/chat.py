@@ -17,6 +17,14 @@ command line does not give them). A turn is a prompt string or an object::
 If a turn fails (for example it refers to a round that does not exist), the
 turns done so far are still written, the error is reported and the command
 exits with a non-zero status.
+
+``--propagate START:STOP`` then replays the whole conversation on slices START
+to STOP (inclusive, same axis; see ``conversation.propagation``) and writes 3D
+segments instead of the single-slice ones (same names, colours and tags; the
+chat's own slice keeps its masks). A range outside the volume is refused before
+any turn runs (exit 2, nothing written). If propagation fails or is interrupted
+part-way, the single-slice segments are written and the command exits non-zero.
+PNGs and the transcript are always of the chat's own slice.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ class ChatOutcome:
     dicom_seg_path: Optional[Path] = None
     png_paths: List[Path] = field(default_factory=list)
     transcript_path: Optional[Path] = None
+    propagation: Optional[object] = None  # conversation.PropagationResult with --propagate
     error: Optional[BaseException] = None
 
 
@@ -111,6 +120,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="run the Judgment & Correction head on every turn (default) or never")
     parser.add_argument("--answer-mode", default="template", choices=("template", "generate"),
                         help="answer text fed to the model: a fixed template (default) or greedy generation")
+    parser.add_argument("--propagate", metavar="START:STOP",
+                        help="after the chat, replay it on slices START..STOP (inclusive) and write 3D segments")
     parser.set_defaults(func=run)
     return parser
 
@@ -299,11 +310,16 @@ def run_chat(
     picture_title: Optional[str] = None,
     dicom_series=None,
     dicom_seg_output=None,
+    propagate=None,
     out=None,
 ) -> ChatOutcome:
     """Run the turns and write the outputs; never raises for a failing turn
-    (the error is returned in ``ChatOutcome.error`` after writing what was done)."""
-    from ..conversation import ChatSession, Conversation, conversation_segments, save_conversation
+    (the error is returned in ``ChatOutcome.error`` after writing what was done).
+
+    propagate: ``(start, stop)`` slices (inclusive) to replay the conversation on; the 3D
+    segments replace the single-slice ones.
+    """
+    from ..conversation import ChatSession, Conversation, conversation_segments, propagation_slices, save_conversation
     from ..errors import InputError
     from ..imaging import check_axis, num_slices, parse_window, read_volume, render_slice, slice_spacing
     from ..segmentation_io import Segmentation, write_seg_nrrd
@@ -319,6 +335,8 @@ def run_chat(
     index = n // 2 if slice_index is None else int(slice_index)
     if not 0 <= index < n:
         raise InputError(f"slice {index} is outside the volume: the {axis} axis has slices 0..{n - 1}")
+    if propagate is not None:
+        propagation_slices(volume, axis, tuple(propagate))  # refuse a bad range before any turn runs
     image = render_slice(volume, axis, index, window)
     spacing = slice_spacing(volume, axis)
     conversation = Conversation(
@@ -346,19 +364,36 @@ def run_chat(
             render_turn_picture(image, conversation.turns, spacing, title=picture_title).save(path)
             outcome.png_paths.append(path)
 
+    if propagate is not None and conversation.turns and outcome.error is None:
+        try:
+            outcome.propagation = _propagate(backend, volume, conversation, tuple(propagate), window, jcm, out)
+        except (Exception, KeyboardInterrupt) as exc:  # keep the single-slice result; report after writing
+            outcome.error = exc
+            print(f"propagation failed: {exc or type(exc).__name__}; writing the single-slice segments", file=out)
+
     if conversation.turns:
         segmentation = Segmentation.for_volume(volume)
-        segmentation.segments.extend(conversation_segments(conversation, volume, terminology=_terminology()))
+        if outcome.propagation is not None:
+            from ..conversation import propagated_segments
+
+            segments = propagated_segments(conversation, volume, outcome.propagation, terminology=_terminology())
+        else:
+            segments = conversation_segments(conversation, volume, terminology=_terminology())
+        segmentation.segments.extend(segments)
         output.parent.mkdir(parents=True, exist_ok=True)
         write_seg_nrrd(output, segmentation)
         outcome.segmentation_path = output
-        print(f"wrote {output} ({len(conversation.turns)} segment(s))", file=out)
+        span = f" on {axis} slices {propagate[0]}..{propagate[1]}" if outcome.propagation is not None else ""
+        print(f"wrote {output} ({len(conversation.turns)} segment(s){span})", file=out)
         if dicom_series is not None:
-            from ..export.dicom_seg import export_conversation_dicom_seg
+            from ..export.dicom_seg import export_conversation_dicom_seg, write_dicom_seg
 
             dicom_out = Path(dicom_seg_output) if dicom_seg_output else output.with_name(
                 output.name[: -len(".seg.nrrd")] + ".dcm")
-            export_conversation_dicom_seg(conversation, volume, dicom_series, dicom_out)
+            if outcome.propagation is not None:
+                write_dicom_seg(segmentation, dicom_series, dicom_out)  # the same 3D segments
+            else:
+                export_conversation_dicom_seg(conversation, volume, dicom_series, dicom_out)
             outcome.dicom_seg_path = dicom_out
             print(f"wrote {dicom_out} (DICOM-SEG on {Path(str(dicom_series)).name})", file=out)
     if transcript is not None:
@@ -370,6 +405,31 @@ def run_chat(
     if outcome.png_paths:
         print(f"wrote {len(outcome.png_paths)} PNG(s) to {png_dir}", file=out)
     return outcome
+
+
+def _propagate(backend, volume, conversation, slice_range, window, jcm, out):
+    """Run the propagation, printing about ten progress lines and the corrected answers."""
+    from ..conversation import propagate
+
+    start, stop = slice_range
+    print(f"propagating {len(conversation.turns)} round(s) to {conversation.axis} slices {start}..{stop}", file=out)
+    t0 = time.perf_counter()
+
+    step = None
+
+    def progress(done, total):
+        nonlocal step
+        step = step or max(1, -(-total // 10))  # at most about ten lines, however long the range
+        if done and (done == total or done % step == 0):
+            print(f"  {done}/{total} slices ({time.perf_counter() - t0:.1f} s)", file=out)
+
+    result = propagate(backend, volume, conversation, slice_range, window=window, jcm=jcm, progress=progress)
+    flagged = result.flagged()
+    if flagged:
+        shown = ", ".join(f"slice {k} R{r}" + (f" ({s:.2f})" if s is not None else "") for k, r, s in flagged[:10])
+        more = f" and {len(flagged) - 10} more" if len(flagged) > 10 else ""
+        print(f"  JCM corrected {len(flagged)} answer(s), check them: {shown}{more}", file=out)
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -385,6 +445,11 @@ def run(args: argparse.Namespace) -> int:
 
     check_axis(axis)
     parse_window(window)
+    slice_range = None
+    if getattr(args, "propagate", None) is not None:
+        from ..conversation import parse_slice_range
+
+        slice_range = parse_slice_range(args.propagate)
     if not str(args.output).endswith(".seg.nrrd"):
         from ..errors import InputError
 
@@ -396,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
         outcome = run_chat(
             backend, args.volume, turns, args.output, axis=axis, slice_index=slice_index, window=window,
             png_dir=args.png_dir, transcript=args.transcript, jcm=args.jcm, answer_mode=args.answer_mode,
-            dicom_series=args.dicom_series, dicom_seg_output=args.dicom_seg_output,
+            dicom_series=args.dicom_series, dicom_seg_output=args.dicom_seg_output, propagate=slice_range,
         )
     finally:
         backend.close()

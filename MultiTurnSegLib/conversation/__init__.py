@@ -9,6 +9,7 @@
 * running turns (session.py): :class:`ChatSession`
 * segments (segments.py): :func:`conversation_segments`,
   :func:`conversation_from_segmentation`, :func:`segment_tags`
+* 3D (propagation.py): :func:`propagate`, :func:`propagated_segments`
 
 numpy only at import time (the segment helpers import ``imaging`` and
 ``segmentation_io`` when called).
@@ -32,6 +33,15 @@ from .serialization import (
     save_conversation,
 )
 from .session import ChatSession
+from .propagation import (
+    PropagationCancelled,
+    PropagationError,
+    PropagationResult,
+    parse_slice_range,
+    propagate,
+    propagated_segments,
+    propagation_slices,
+)
 from .segments import (
     CONVERSATION_TAG,
     ROUND_TAG,
@@ -51,6 +61,9 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "PALETTE",
+    "PropagationCancelled",
+    "PropagationError",
+    "PropagationResult",
     "ROUND_TAG",
     "Reference",
     "TURN_TAG",
@@ -71,6 +84,10 @@ __all__ = [
     "encode_for_tag",
     "encode_mask",
     "load_conversation",
+    "parse_slice_range",
+    "propagate",
+    "propagated_segments",
+    "propagation_slices",
     "resolve_reference",
     "save_conversation",
     "segment_color_for",

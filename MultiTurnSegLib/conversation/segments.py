@@ -77,8 +77,20 @@ def conversation_segments(conversation: Conversation, volume, *, terminology: Op
     slice (``imaging.insert_mask``). Raises InputError when the conversation's
     slice does not fit the volume.
     """
-    from ..imaging import insert_mask, num_slices, slice_shape
-    from ..segmentation_io import Segment
+    from ..imaging import insert_mask
+
+    check_conversation_fits(conversation, volume)
+    segments = []
+    for turn in conversation.turns:
+        labelmap = np.zeros(volume.shape, dtype=bool)
+        insert_mask(labelmap, volume, conversation.axis, conversation.slice_index, turn.mask, value=True)
+        segments.append(turn_segment(conversation, turn, labelmap, terminology))
+    return segments
+
+
+def check_conversation_fits(conversation: Conversation, volume) -> None:
+    """InputError unless ``conversation``'s slice exists in ``volume`` with the conversation's image size."""
+    from ..imaging import num_slices, slice_shape
 
     axis = conversation.axis
     shape2d = tuple(slice_shape(volume, axis))
@@ -92,20 +104,19 @@ def conversation_segments(conversation: Conversation, volume, *, terminology: Op
             f"the conversation is on {axis} slice {conversation.slice_index} but the volume has "
             f"{num_slices(volume, axis)} {axis} slices: is it the same volume?"
         )
-    segments = []
-    for turn in conversation.turns:
-        labelmap = np.zeros(volume.shape, dtype=bool)
-        insert_mask(labelmap, volume, axis, conversation.slice_index, turn.mask, value=True)
-        segments.append(
-            Segment(
-                id=segment_id_for(conversation, turn),
-                name=turn.segment_name or f"R{turn.round}",
-                color=tuple(float(c) for c in turn.color),
-                mask=labelmap,
-                tags=segment_tags(conversation, turn, terminology),
-            )
-        )
-    return segments
+
+
+def turn_segment(conversation: Conversation, turn: Turn, mask3d: np.ndarray, terminology: Optional[Terminology] = None):
+    """The segment of ``turn`` with the 3D mask ``mask3d`` (ID, name, colour and tags as for the turn)."""
+    from ..segmentation_io import Segment
+
+    return Segment(
+        id=segment_id_for(conversation, turn),
+        name=turn.segment_name or f"R{turn.round}",
+        color=tuple(float(c) for c in turn.color),
+        mask=mask3d,
+        tags=segment_tags(conversation, turn, terminology),
+    )
 
 
 def _segment_label(segment) -> str:
