@@ -2,7 +2,7 @@
 
 The same tables serve three installs: a source checkout, the Slicer module
 (Resources/ sits beside MultiTurnSegLib/), and a pip install (the tables are
-shipped as the package ``MultiTurnSegLib.resources``).
+shipped inside the package as ``MultiTurnSegLib/Resources``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .errors import MultiTurnSegError
 def resource_path(*parts: str) -> Path:
     """Path of ``Resources/<parts...>``, wherever this library was installed."""
     here = Path(__file__).resolve().parent
-    candidates = [here.parent / "Resources", here / "resources"]
+    candidates = [here.parent / "Resources", here / "Resources"]
     for base in candidates:
         path = base.joinpath(*parts)
         if path.exists():
