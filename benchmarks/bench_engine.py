@@ -33,7 +33,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -194,43 +193,12 @@ def full_size_engine(device: str = "cuda", load_in_4bit: bool = False, seed: int
     """A full-size random MediRound built on the GPU in bf16 (weights never touch the disk)."""
     import torch
 
-    from MultiTurnSegLib.engine import checkpoint as ckpt
-    from MultiTurnSegLib.engine import devices
     from MultiTurnSegLib.engine import random_weights as rw
-    from MultiTurnSegLib.engine.engine import MediRoundEngine, _place
-    from MultiTurnSegLib.engine.model import build_model
-    from MultiTurnSegLib.engine.preprocessing import load_clip_processor
-    from MultiTurnSegLib.engine.spec import ModelSpec
-    from MultiTurnSegLib.engine.tokenizer import MediRoundTokenizer
 
-    dims = rw.FULL_DIMS
-    skeleton = Path(tempfile.mkdtemp(prefix="mts-bench-"))
-    # Only configs and the tokenizer go to disk (a few hundred kB).
-    (skeleton / rw.LLAVA_DIR).mkdir()
-    (skeleton / rw.CLIP_DIR).mkdir()
-    (skeleton / rw.MEDIROUND_DIR).mkdir()
-    (skeleton / rw.MEDSAM_FILE).write_bytes(b"")
-    rw._write_json(skeleton / rw.LLAVA_DIR / "config.json", rw._llava_config(dims))
-    (skeleton / rw.LLAVA_DIR / "tokenizer.model").write_bytes(rw.train_random_tokenizer(dims.vocab))
-    rw._write_json(skeleton / rw.CLIP_DIR / "config.json", rw._clip_config(dims))
-    rw._write_json(skeleton / rw.CLIP_DIR / "preprocessor_config.json", rw._CLIP_PREPROCESSOR)
-    spec = ModelSpec.from_dict({"llava_med": rw.LLAVA_DIR, "clip": rw.CLIP_DIR, "medsam": rw.MEDSAM_FILE,
-                                "mediround": rw.MEDIROUND_DIR}, base_dir=skeleton)
-    dev = devices.resolve_device(device)
-    dt = torch.bfloat16
-    t0 = time.perf_counter()
-    sd = rw.random_mediround_state_dict(dims, seed=seed, device=dev, dtype=dt, calibrate=False)
-    checkpoint = ckpt.Checkpoint(parts=ckpt.split_by_part({"base_model.model." + k: v for k, v in sd.items()}),
-                                 files=[])
-    del sd
-    tokenizer = MediRoundTokenizer(spec.llava_med / "tokenizer.model")
-    model = build_model(spec, tokenizer, checkpoint)
-    del checkpoint.parts
-    gc.collect()
-    _place(model, dev, dt, load_in_4bit)
+    engine = rw.build_random_engine(rw.FULL_DIMS, seed=seed, device=device, dtype=torch.bfloat16,
+                                    load_in_4bit=load_in_4bit)
     torch.cuda.empty_cache()
-    return MediRoundEngine(spec, model, tokenizer, load_clip_processor(spec.clip), checkpoint, dev, dt,
-                           load_in_4bit, load_seconds=time.perf_counter() - t0)
+    return engine
 
 
 def main(argv=None) -> int:

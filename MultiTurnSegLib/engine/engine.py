@@ -55,6 +55,21 @@ class MediRoundEngine:
                   require_jcm: bool = False, jcm_threshold: float = JCM_THRESHOLD) -> "MediRoundEngine":
         """require_jcm: refuse a stage-1 checkpoint (no JCM heads) instead of
         running without Judgment & Correction."""
+        return cls._build(spec, lambda: ckpt.read_mediround(spec.mediround), device=device, dtype=dtype,
+                          load_in_4bit=load_in_4bit, require_jcm=require_jcm, jcm_threshold=jcm_threshold)
+
+    @classmethod
+    def from_state_dict(cls, spec: ModelSpec, state_dict, *, device="auto", dtype=None, load_in_4bit: bool = False,
+                        require_jcm: bool = False, jcm_threshold: float = JCM_THRESHOLD) -> "MediRoundEngine":
+        """Build from a MediRound state dict already in memory (keys as in the
+        training output's ``*.bin``); ``spec.mediround`` is not read. Lets a
+        full-size random model be made on the GPU without writing 15 GB."""
+        return cls._build(spec, lambda: ckpt.Checkpoint(parts=ckpt.split_by_part(state_dict), files=[]),
+                          device=device, dtype=dtype, load_in_4bit=load_in_4bit, require_jcm=require_jcm,
+                          jcm_threshold=jcm_threshold)
+
+    @classmethod
+    def _build(cls, spec: ModelSpec, read_checkpoint, *, device, dtype, load_in_4bit, require_jcm, jcm_threshold):
         t0 = time.perf_counter()
         hide_broken_torchvision()
         dev = devices.resolve_device(device)
@@ -62,7 +77,7 @@ class MediRoundEngine:
         if load_in_4bit and dev.type != "cuda":
             raise ModelLoadError("load_in_4bit needs a CUDA GPU; this run would be on CPU.")
         tokenizer = MediRoundTokenizer(spec.llava_med / "tokenizer.model")
-        checkpoint = ckpt.read_mediround(spec.mediround)
+        checkpoint = read_checkpoint()
         if require_jcm and not checkpoint.has_jcm:
             raise ModelLoadError(
                 f"Judgment & Correction (JCM) was requested, but {spec.mediround} is a stage-1 "

@@ -773,6 +773,41 @@ def _sam_encoder_entry(dims: RandomModelDims) -> dict:
     }
 
 
+def build_random_engine(dims: RandomModelDims = TINY_DIMS, seed: int = 0, device="auto", dtype=None,
+                        load_in_4bit: bool = False, calibrate: bool = False):
+    """A random MediRound engine built in memory: the weights are made on the
+    target device and never touch the disk (only configs and the tokenizer go
+    to a temporary folder). The benchmark uses it for full-size models on a GPU."""
+    from . import devices
+    from .engine import MediRoundEngine
+    from .spec import ModelSpec
+
+    skeleton = Path(tempfile.mkdtemp(prefix="mts-random-engine-"))
+    try:
+        for d in (LLAVA_DIR, CLIP_DIR, MEDIROUND_DIR):
+            (skeleton / d).mkdir()
+        (skeleton / MEDSAM_FILE).write_bytes(b"")  # every SAM tensor comes from the state dict
+        _write_json(skeleton / LLAVA_DIR / "config.json", _llava_config(dims))
+        (skeleton / LLAVA_DIR / "tokenizer.model").write_bytes(train_random_tokenizer(dims.vocab))
+        _write_json(skeleton / CLIP_DIR / "config.json", _clip_config(dims))
+        _write_json(skeleton / CLIP_DIR / "preprocessor_config.json", _CLIP_PREPROCESSOR)
+        description = {"llava_med": LLAVA_DIR, "clip": CLIP_DIR, "medsam": MEDSAM_FILE, "mediround": MEDIROUND_DIR}
+        if not _is_vit_b(dims):
+            description["sam_encoder"] = _sam_encoder_entry(dims)
+        spec = ModelSpec.from_dict(description, base_dir=skeleton)
+        dev = devices.resolve_device(device)
+        dt = devices.resolve_dtype(dtype, dev)
+        state = random_mediround_state_dict(dims, seed=seed, device=dev, dtype=dt, calibrate=calibrate)
+        state = {"base_model.model." + k: v for k, v in state.items()}
+        return MediRoundEngine.from_state_dict(spec, state, device=dev, dtype=dt, load_in_4bit=load_in_4bit)
+    finally:
+        shutil.rmtree(skeleton, ignore_errors=True)
+
+
+def _is_vit_b(dims: RandomModelDims) -> bool:
+    return (dims.sam_embed_dim, dims.sam_depth, dims.sam_heads, tuple(dims.sam_global_attn)) == (768, 12, 12, (2, 5, 8, 11))
+
+
 def build_random_model(out_dir: Union[str, Path], seed: int = 0, dims: RandomModelDims = TINY_DIMS,
                        overwrite: bool = False, calibrate: bool = True) -> Path:
     """Write a random MediRound model into ``out_dir``; return the path of its ``model.json``.
@@ -827,7 +862,7 @@ def build_random_model(out_dir: Union[str, Path], seed: int = 0, dims: RandomMod
         torch.save({"base_model.model." + k: v.contiguous() for k, v in stage2.items()}, str(d / "pytorch_model.bin"))
 
         model_json = {"llava_med": LLAVA_DIR, "clip": CLIP_DIR, "medsam": MEDSAM_FILE, "mediround": MEDIROUND_DIR}
-        if dims.sam_embed_dim != 768 or dims.sam_depth != 12 or dims.sam_heads != 12 or tuple(dims.sam_global_attn) != (2, 5, 8, 11):
+        if not _is_vit_b(dims):
             model_json["sam_encoder"] = _sam_encoder_entry(dims)
         _write_json(tmp / "model.json", model_json)
         (tmp / "RANDOM_MODEL.md").write_text(_README.format(version=BUILDER_VERSION, seed=seed), encoding="utf-8")

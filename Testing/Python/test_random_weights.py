@@ -99,3 +99,25 @@ def test_build_is_reused_and_stamped(model_json):
     mtime = (model_json.parent / "mediround-stage2/pytorch_model.bin").stat().st_mtime_ns
     assert rw.build_random_model(model_json.parent, seed=0) == model_json
     assert (model_json.parent / "mediround-stage2/pytorch_model.bin").stat().st_mtime_ns == mtime
+
+
+def test_in_memory_engine_equals_the_same_model_loaded_from_files(tmp_path):
+    """build_random_engine (the GPU benchmark's full-size path, here at tiny
+    size on the CPU) builds exactly the model build_random_model writes."""
+    from MultiTurnSegLib.backends.base import TurnSpec
+    from MultiTurnSegLib.engine import MediRoundEngine
+    from MultiTurnSegLib.engine import random_weights as rw
+
+    in_memory = rw.build_random_engine(rw.TINY_DIMS, seed=3, device="cpu")
+    from_files = MediRoundEngine.from_model_json(rw.build_random_model(tmp_path / "m", seed=3, calibrate=False),
+                                                 device="cpu")
+    assert in_memory.info()["stage"] == 2 and in_memory.info()["dims"] == from_files.info()["dims"]
+    image = (np.random.default_rng(0).integers(0, 255, (90, 140, 1)) * np.ones((1, 1, 3))).astype(np.uint8)
+    outs = []
+    for engine in (in_memory, from_files):
+        session = engine.new_session(image)
+        first = session.run_turn(TurnSpec("Segment the liver."))
+        outs.append((first, session.run_turn(TurnSpec("Segment the lesion inside round 1.", reference_mask=first.mask))))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a.logits, b.logits)
+        assert a.jcm_score == b.jcm_score
