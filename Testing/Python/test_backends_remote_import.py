@@ -1,5 +1,6 @@
 """RemoteBackend needs nothing beyond the standard library and numpy: run it in a
-process where torch, fastapi, httpx, requests, ... cannot be imported."""
+process where torch, fastapi, httpx, requests, ... cannot be imported. The worker
+it talks to serves the real tiny model (in this process, on loopback)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from MultiTurnSegLib.backends.base import TurnSpec
 from MultiTurnSegLib.backends.local import LocalBackend
 from MultiTurnSegLib.worker.server import create_app
 
-from test_worker_support import REPO_ROOT, FakeEngine, ThreadServer, _env
+from test_worker_support import REPO_ROOT, SpyEngine, ThreadServer, _env, shared_engine
+
+pytestmark = pytest.mark.slow  # the real tiny model
 
 CLIENT = r"""
 import importlib.abc, json, sys
@@ -42,7 +46,8 @@ print(json.dumps({"stage": info["stage"], "mask": np.packbits(r.mask).tolist(), 
 
 
 def test_remote_client_runs_with_stdlib_and_numpy_only():
-    app = create_app(LocalBackend(FakeEngine()), token="import-test-token")
+    engine = SpyEngine()
+    app = create_app(LocalBackend(engine), token="import-test-token")
     srv = ThreadServer(app)
     try:
         p = subprocess.run([sys.executable, "-c", CLIENT, srv.url, "import-test-token"], capture_output=True,
@@ -52,7 +57,8 @@ def test_remote_client_runs_with_stdlib_and_numpy_only():
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["loaded"] == [] and out["stage"] == 2
+    assert engine.counts["run_turn"] == 1  # the worker's model ran the turn
     img = np.repeat(np.arange(30 * 40, dtype=np.uint8).reshape(30, 40)[:, :, None], 3, axis=2)
-    ref = LocalBackend(FakeEngine()).run_turn(img, [], TurnSpec("Segment the liver."))
+    ref = LocalBackend(shared_engine()).run_turn(img, [], TurnSpec("Segment the liver."))
     assert out["mask"] == np.packbits(ref.mask).tolist()
     assert out["answer"] == ref.answer and out["score"] == ref.jcm_score

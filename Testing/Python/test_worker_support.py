@@ -1,15 +1,14 @@
 """Helpers shared by the worker/backend tests (no tests here).
 
-- ``FakeEngine``: an engine with the real engine's session API whose masks are
-  a pure function of (image, fed turns); it counts the work it is asked to do,
-  so cache behaviour can be checked without torch.
+- ``shared_engine``: the real tiny fixture model, loaded once per process.
+- ``SpyEngine``: that engine behind a counting proxy (a spy, not a fake: every
+  result is the real model's), with a delay and a failure injection.
 - ``start_worker`` / ``stop_worker``: the worker as a real process.
 - ``chain3``: the fixture conversation (image and turns).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,8 +23,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from MultiTurnSegLib.backends.base import AnswerMode, TurnSpec
-from MultiTurnSegLib.worker.protocol import image_digest, turn_digest
+from MultiTurnSegLib.backends.base import TurnSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / "Testing" / "Data"
@@ -33,73 +31,84 @@ TINY_MODEL_JSON = DATA_DIR / "mediround-tiny" / "model" / "model.json"
 CHAIN3_DIR = DATA_DIR / "mediround-tiny" / "cases" / "chain3"
 
 
-# --------------------------------------------------------------------------- fake engine
+# --------------------------------------------------------------------------- counting spy
 
 
-class _Out:
-    def __init__(self, mask, answer, jcm_score, jcm_refined, timings):
-        self.mask, self.answer, self.jcm_score, self.jcm_refined, self.timings = (
-            mask, answer, jcm_score, jcm_refined, timings)
+class SpySession:
+    """A real ``SliceSession`` behind a proxy that counts ``extend``/``truncate``/``run_turn``
+    and otherwise delegates (results are the real model's)."""
 
-
-class FakeSession:
-    def __init__(self, engine, image):
-        self.engine = engine
-        self.image = image
-        self.fed_turns: List[TurnSpec] = []
-
-    def _state(self, upto):
-        h = hashlib.sha256(image_digest(self.image).encode())
-        for t in upto:
-            h.update(turn_digest(t).encode())
-        return h.digest()
+    def __init__(self, spy: "SpyEngine", session):
+        self._spy = spy
+        self._session = session
 
     def extend(self, spec: TurnSpec):
-        assert spec.answer is not None
-        self.engine.counts["extend"] += 1
-        self.fed_turns.append(spec)
+        self._spy._count("extend")
+        return self._session.extend(spec)
 
     def truncate(self, n):
-        self.engine.counts["truncate"] += 1
-        del self.fed_turns[n:]
+        self._spy._count("truncate")
+        return self._session.truncate(n)
 
-    def undo(self):
-        self.fed_turns.pop()
+    def run_turn(self, spec: TurnSpec, **kwargs):
+        self._spy._count("run_turn")
+        if self._spy.delay:
+            time.sleep(self._spy.delay)
+        self._spy._maybe_fail("run_turn")
+        return self._session.run_turn(spec, **kwargs)
 
-    def run_turn(self, spec: TurnSpec, *, apply_jcm: bool, answer_mode: AnswerMode):
-        self.engine.counts["run_turn"] += 1
-        if self.engine.delay:
-            time.sleep(self.engine.delay)
-        answer = spec.answer if spec.answer is not None else "Sure, [SEG]."
-        fed = TurnSpec(spec.prompt, answer, spec.reference_mask)
-        state = self._state(self.fed_turns + [fed])
-        rng = np.random.default_rng(int.from_bytes(state[:8], "little"))
-        h, w = self.image.shape[:2]
-        cy, cx = rng.integers(0, h), rng.integers(0, w)
-        r = rng.integers(1, max(2, min(h, w) // 3))
-        yy, xx = np.mgrid[:h, :w]
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        if spec.reference_mask is not None:
-            mask &= ~spec.reference_mask
-        score = float(rng.random()) if apply_jcm else None
-        self.fed_turns.append(fed)
-        return _Out(mask, answer, score, score is not None and score <= 0.6, {"fake": 0.0})
-
-    def memory_bytes(self):
-        return int(self.image.nbytes) + 1000 * len(self.fed_turns)
+    def __getattr__(self, name):  # fed_turns, memory_bytes, undo, ...
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._session, name)
 
 
-class FakeEngine:
-    def __init__(self, delay: float = 0.0):
+class SpyEngine:
+    """The real tiny engine (``shared_engine()``) behind a thin proxy: it counts the
+    work asked of it (slice encodings, fed turns, truncations, decoded turns) so
+    that cache behaviour can be checked, and delegates every call.
+
+    ``delay``: seconds slept before each real ``run_turn`` (a slow turn, for the
+    busy/timeout tests). ``inject(exc, at)``: the next call of ``at``
+    ("new_session" or "run_turn") raises ``exc`` instead of calling the engine:
+    a failure injection for what the tiny CPU model cannot produce on demand
+    (a GPU out-of-memory, a device-side assert, a model failure).
+    """
+
+    def __init__(self, engine=None, *, delay: float = 0.0):
+        self.engine = engine if engine is not None else shared_engine()
         self.delay = delay
         self.counts = {"new_session": 0, "extend": 0, "truncate": 0, "run_turn": 0}
+        self._failures = {}
+        self._lock = threading.Lock()
+
+    def _count(self, what):
+        with self._lock:
+            self.counts[what] += 1
+
+    def inject(self, exc: BaseException, at: str = "run_turn"):
+        assert at in ("new_session", "run_turn")
+        with self._lock:
+            self._failures[at] = exc
+
+    def _maybe_fail(self, at):
+        with self._lock:
+            exc = self._failures.pop(at, None)
+        if exc is not None:
+            raise exc
 
     def info(self):
-        return {"stage": 2, "jcm_available": True, "dtype": "float32", "device": "cpu", "model": "fake"}
+        return self.engine.info()
 
     def new_session(self, image):
-        self.counts["new_session"] += 1
-        return FakeSession(self, np.array(image))
+        self._count("new_session")
+        self._maybe_fail("new_session")
+        return SpySession(self, self.engine.new_session(image))
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
 
 
 _ENGINE = {}
