@@ -114,6 +114,7 @@ class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.task = None
         self.pollTimer = None
         self._updatingGUI = False
+        self._propagationRangeKey = None  # (conversation id, axis, slice, slice count) the spin boxes were set up for
 
     # -- setup ---------------------------------------------------------------
     def setup(self):
@@ -154,6 +155,9 @@ class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.newConversationButton.connect("clicked(bool)", self.onNewConversation)
         self.ui.goToSliceButton.connect("clicked(bool)", self.onGoToSlice)
+        self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
+        self.ui.propagateFirstSliceSpinBox.connect("valueChanged(int)", self.onPropagateFirstChanged)
+        self.ui.propagateLastSliceSpinBox.connect("valueChanged(int)", self.onPropagateLastChanged)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.localBackendRadioButton.connect("toggled(bool)", self.onBackendKindChanged)
         self.ui.remoteBackendRadioButton.connect("toggled(bool)", self.onBackendKindChanged)
@@ -354,15 +358,63 @@ class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if turns:
             table.scrollToBottom()
         if conversation is not None:
-            self.ui.conversationInfoLabel.setText(
-                _("Conversation on {axis} slice {index} of {volume} ({count} turns).").format(
-                    axis=conversation.axis, index=conversation.slice_index, volume=conversation.volume, count=len(turns)
-                )
+            info = _("Conversation on {axis} slice {index} of {volume} ({count} turns).").format(
+                axis=conversation.axis, index=conversation.slice_index, volume=conversation.volume, count=len(turns)
             )
+            record = self.logic.propagationRecord()
+            if record is not None:
+                info += " " + _("Rounds 1-{rounds} propagated to {axis} slices {first}..{last}.").format(
+                    rounds=record["rounds"], axis=record["axis"], first=record["first"], last=record["last"]
+                )
+                if record["flagged"]:
+                    info += " " + _("JCM corrected: {flagged}.").format(flagged=support.flagged_text(record["flagged"]))
+            self.ui.conversationInfoLabel.setText(info)
         else:
             self.ui.conversationInfoLabel.setText(_("No conversation yet: type a request to start one on the slice shown."))
         self._fillReferenceChoices()
+        self._updatePropagationRange()
         self.updateButtons()
+
+    def _updatePropagationRange(self):
+        """Spin box ranges from the volume's slice count on the conversation's axis; values set when the conversation changes."""
+        conversation = self.logic.conversation
+        count = 0
+        if conversation is not None and conversation.turns:
+            try:
+                count = self.logic.propagationSliceCount()
+            except Exception:  # no volume, volume under a transform, library not installed...
+                count = 0
+        key = (conversation.id, conversation.axis, conversation.slice_index, count) if count else None
+        if key == self._propagationRangeKey:
+            return
+        self._propagationRangeKey = key
+        first, last = self.ui.propagateFirstSliceSpinBox, self.ui.propagateLastSliceSpinBox
+        wasBlocked = (first.blockSignals(True), last.blockSignals(True))
+        try:
+            if not count:
+                first.setRange(0, 0)
+                last.setRange(0, 0)
+                return
+            first.setRange(0, count - 1)
+            last.setRange(0, count - 1)
+            record = self.logic.propagationRecord()
+            if record is not None and record["last"] < count:
+                start, stop = record["first"], record["last"]
+            else:
+                start, stop = support.default_propagation_range(conversation.slice_index, count)
+            first.setValue(start)
+            last.setValue(stop)
+        finally:
+            first.blockSignals(wasBlocked[0])
+            last.blockSignals(wasBlocked[1])
+
+    def onPropagateFirstChanged(self, value):
+        if self.ui.propagateLastSliceSpinBox.value < value:
+            self.ui.propagateLastSliceSpinBox.setValue(value)
+
+    def onPropagateLastChanged(self, value):
+        if self.ui.propagateFirstSliceSpinBox.value > value:
+            self.ui.propagateFirstSliceSpinBox.setValue(value)
 
     def updateButtons(self):
         running = bool(self.task and not self.task.done)
@@ -375,6 +427,10 @@ class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.goToSliceButton.setEnabled(self.logic.conversation is not None)
         self.ui.exportButton.setEnabled(bool(self.ui.segmentationSelector.currentNode()) and not running)
         self.ui.testConnectionButton.setEnabled(not running)
+        canPropagate = haveTurns and haveInputs and not running and self._propagationRangeKey is not None
+        self.ui.propagateButton.setEnabled(canPropagate)
+        self.ui.propagateFirstSliceSpinBox.setEnabled(canPropagate)
+        self.ui.propagateLastSliceSpinBox.setEnabled(canPropagate)
         self.ui.progressBar.setVisible(running)
         self.ui.cancelButton.setVisible(running)
 
@@ -405,10 +461,33 @@ class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.start()
         self.updateButtons()
 
+    def onPropagate(self):
+        if self.task and not self.task.done:
+            return
+        self._storeInputs()
+        first = self.ui.propagateFirstSliceSpinBox.value
+        last = self.ui.propagateLastSliceSpinBox.value
+        try:
+            self.task = self.logic.startPropagation(first, last, self.backendConfig())
+        except Exception as exc:
+            self.showStatus(support.error_message(exc), error=True)
+            return
+        self.showStatus(
+            _("Propagating the conversation to {axis} slices {first}..{last} (each slice is an independent 2D prediction)...").format(
+                axis=self.logic.conversation.axis, first=first, last=last
+            )
+        )
+        self.ui.progressBar.setValue(0)
+        self.pollTimer.start()
+        self.updateButtons()
+
     def onCancel(self):
         if self.task and not self.task.done:
             self.task.cancel()
-            self.showStatus(_("Cancelling: the result of this turn will be discarded."))
+            if getattr(self.task, "kind", "") == "propagation":
+                self.showStatus(_("Cancelling the propagation: the segments and the conversation stay as they are."))
+            else:
+                self.showStatus(_("Cancelling: the result of this turn will be discarded."))
 
     def onPollTask(self):
         task = self.task
@@ -528,6 +607,8 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
         self._backend = None
         self._backendKey = None
         self._pendingTurn = None
+        self._pendingPropagation = None
+        self.lastPropagation = None  # PropagationResult last written into the segments (scripts, self-test)
 
     # -- parameter node ----------------------------------------------------------
     def setInputs(self, volumeNode: "vtkMRMLScalarVolumeNode", segmentationNode: "vtkMRMLSegmentationNode", sliceViewName, windowPreset):
@@ -580,6 +661,7 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
     def forgetConversation(self):
         self.conversation = None
         self._pendingTurn = None
+        self._pendingPropagation = None
 
     def newConversation(self):
         self.conversation = None
@@ -881,6 +963,8 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
             key, backend, _info = task.result
             self._adoptBackend(key, backend)
             return _("Worker reachable.")
+        if task.kind == "propagation":
+            return self._finishPropagation(task)
         pending, self._pendingTurn = self._pendingTurn, None
         if pending is None or pending["task"] is not task:
             return ""
@@ -923,6 +1007,239 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
         self.finishTask(task)
         return self.conversation.turns[-1]
 
+    # -- propagation -----------------------------------------------------------------
+    def propagationRecord(self):
+        """The stored propagation of the current conversation (support.parse_propagation_record dict) or None."""
+        if self.conversation is None:
+            return None
+        parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
+        record = support.parse_propagation_record(parameterNode.GetParameter(support.PARAMETER_PROPAGATION))
+        if record is None or record["conversation"] != self.conversation.id:
+            return None
+        return record
+
+    def propagationSliceCount(self):
+        """Number of slices of the input volume along the conversation's axis (0 without conversation or volume)."""
+        from MultiTurnSegLib import imaging
+
+        volumeNode = self.inputVolume()
+        if self.conversation is None or volumeNode is None:
+            return 0
+        return imaging.num_slices(self.volumeFromNode(volumeNode), self.conversation.axis)
+
+    def _propagationReferences(self, working, segmentIds, idOfName):
+        """Prepare ``working`` (a copy of the conversation) for propagation; return {name: segment id} to read.
+
+        A turn referred to an earlier round through that round's segment (by its
+        name then). If the segment was renamed since, the library would not know
+        it is the round: such references become round references again. Any
+        other segment must still exist; its content is read from the scene.
+        """
+        from MultiTurnSegLib.conversation import Reference
+
+        roundOfSegmentId = {segmentId: turn.round for segmentId, turn in zip(segmentIds, working.turns)}
+        ownNames = set()
+        needed = {}
+        for turn in working.turns:
+            reference = turn.reference
+            if reference is not None and reference.kind == "segment" and reference.segment not in ownNames:
+                segmentId = idOfName.get(reference.segment)
+                if segmentId is None:
+                    raise ValueError(
+                        _(
+                            "Round {round} refers to segment '{name}', which no longer exists: propagation needs its "
+                            "content on every slice. Restore or rename a segment to '{name}', or start a new conversation."
+                        ).format(round=turn.round, name=reference.segment)
+                    )
+                if roundOfSegmentId.get(segmentId, turn.round) < turn.round:
+                    turn.reference = Reference.to_round(roundOfSegmentId[segmentId])
+                else:
+                    needed[reference.segment] = segmentId
+            if turn.segment_name:
+                ownNames.add(turn.segment_name)
+        return needed
+
+    def startPropagation(self, first, last, backendConfig, jcm="always"):
+        """Replay the conversation on slices ``first``..``last`` (inclusive) in the background; return the task.
+
+        Everything the scene must give is read here, in the main thread: the
+        volume (copied) and the content of the segments the conversation refers
+        to on each slice. :meth:`finishTask` writes the 3D masks into the
+        conversation's segments.
+        """
+        import numpy as np
+
+        from MultiTurnSegLib import imaging
+        from MultiTurnSegLib.conversation import propagate, propagation_slices
+        from MultiTurnSegLib.conversation.segments import check_conversation_fits
+
+        conversation = self.conversation
+        if conversation is None or not conversation.turns:
+            raise ValueError(_("There is nothing to propagate yet: chat on a slice first."))
+        volumeNode: "vtkMRMLScalarVolumeNode" = self.inputVolume()
+        if volumeNode is None:
+            raise ValueError(_("Select an input volume."))
+        if conversation.volume != volumeNode.GetID():
+            raise ValueError(
+                _("This conversation is about another volume ({volume}); select it as the input volume to propagate.").format(
+                    volume=conversation.volume
+                )
+            )
+        segmentationNode: "vtkMRMLSegmentationNode" = self.segmentationNode()
+        if segmentationNode is None:
+            raise ValueError(_("Select the segmentation that holds the conversation's segments."))
+        segmentIds = []
+        for turn in conversation.turns:
+            segmentId = self.turnSegmentId(segmentationNode, turn)
+            if segmentId is None:
+                raise ValueError(
+                    _(
+                        "The segment of round {round} ({name}) was deleted: propagation writes into the conversation's "
+                        "segments. Undo back to before that round, or start a new conversation."
+                    ).format(round=turn.round, name=turn.segment_name)
+                )
+            segmentIds.append(segmentId)
+
+        sceneVolume = self.volumeFromNode(volumeNode)
+        check_conversation_fits(conversation, sceneVolume)
+        axis = conversation.axis
+        slices = propagation_slices(sceneVolume, axis, (int(first), int(last)))
+        # The background thread gets its own copy of the voxels (the node's array may change or go away).
+        volume = imaging.volume_from_array(np.array(sceneVolume.array), sceneVolume.ijk_to_lps, source=sceneVolume.source)
+
+        working = conversation.copy()
+        idOfName = {name: segmentId for segmentId, name in self.segmentNamesAndIds(segmentationNode)}
+        needed = self._propagationReferences(working, segmentIds, idOfName)
+        sliceMasks = {}
+        for name, segmentId in needed.items():
+            labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+            for k in slices:
+                if k != conversation.slice_index:
+                    sliceMasks[(name, k)] = imaging.extract_mask(labelmap, sceneVolume, axis, k)
+
+        def segmentMasks(name, maskAxis, index):
+            return sliceMasks.get((name, index))
+
+        key, createBackend = self._backendFactory(backendConfig)
+        firstStage = "loading model" if key != self._backendKey else "preparing"
+        state = {}  # "task", and "backend" once created (kept even when propagation fails)
+
+        def run(progress):
+            progress(firstStage, 0.0)
+            backend = createBackend()
+            state["backend"] = (key, backend)
+
+            def reportProgress(done, total):
+                progress(f"slice {done} of {total}", (done / total) if total else 1.0)
+
+            result = propagate(
+                backend, volume, working, list(slices), jcm=jcm,
+                segment_masks=segmentMasks if needed else None,
+                progress=reportProgress, cancel=lambda: state["task"].cancelled,
+            )
+            return key, backend, result
+
+        task = support.BackgroundTask(run, name="MultiTurnSeg propagation")
+        task.kind = "propagation"
+        state["task"] = task
+        self._pendingPropagation = {
+            "task": task,
+            "state": state,
+            "conversation": conversation,
+            "rounds": len(conversation.turns),
+            "first": int(first),
+            "last": int(last),
+            "volumeNodeId": volumeNode.GetID(),
+            "segmentationNodeId": segmentationNode.GetID(),
+        }
+        return task.start()
+
+    def _finishPropagation(self, task):
+        """Main thread: write a finished propagation into the conversation's segments (all or nothing)."""
+        import numpy as np
+
+        from MultiTurnSegLib import imaging
+        from MultiTurnSegLib.conversation import PropagationCancelled
+
+        pending, self._pendingPropagation = self._pendingPropagation, None
+        if pending is None or pending["task"] is not task:
+            return ""
+        if "backend" in pending["state"]:
+            self._adoptBackend(*pending["state"]["backend"])  # keep a loaded model even when propagation failed
+        if task.error is not None:
+            if isinstance(task.error, (support.Cancelled, PropagationCancelled)):
+                return _("Propagation cancelled; the segments and the conversation were not changed.")
+            raise task.error
+        _key, _backend, result = task.result
+        if task.cancelled:
+            return _("Propagation cancelled; its result was discarded and nothing was changed.")
+        conversation = pending["conversation"]
+        if self.conversation is not conversation or len(conversation.turns) != pending["rounds"]:
+            raise ValueError(_("The conversation changed while propagating; the result was discarded."))
+        volumeNode: "vtkMRMLScalarVolumeNode" = slicer.mrmlScene.GetNodeByID(pending["volumeNodeId"])
+        segmentationNode: "vtkMRMLSegmentationNode" = slicer.mrmlScene.GetNodeByID(pending["segmentationNodeId"])
+        if volumeNode is None or segmentationNode is None:
+            raise ValueError(_("The volume or segmentation was removed while propagating; the result was discarded."))
+        volume = self.volumeFromNode(volumeNode)
+        axis, source = conversation.axis, conversation.slice_index
+        if any(tuple(mask3d.shape) != tuple(volume.shape) for mask3d in result.masks):
+            raise ValueError(_("The volume changed while propagating; the result was discarded."))
+
+        # Check and prepare everything before writing anything: all segments or none change.
+        labelmaps = []
+        wholeSlice = np.ones(imaging.slice_shape(volume, axis), dtype=bool)
+        for turn, mask3d in zip(conversation.turns, result.masks):
+            segmentId = self.turnSegmentId(segmentationNode, turn)
+            if segmentId is None:
+                raise ValueError(
+                    _("The segment of round {round} ({name}) was deleted while propagating; nothing was changed.").format(
+                        round=turn.round, name=turn.segment_name
+                    )
+                )
+            labelmap = mask3d.astype(np.uint8)
+            # The conversation's own slice keeps the segment's current content (hand edits included).
+            current = self.segmentMaskOnSlice(segmentationNode, segmentId, volumeNode, volume, axis, source)
+            imaging.insert_mask(labelmap, volume, axis, source, wholeSlice, 0)
+            imaging.insert_mask(labelmap, volume, axis, source, current, 1)
+            labelmaps.append((segmentId, labelmap))
+        for segmentId, labelmap in labelmaps:
+            # Replaces the segment's content only: its name, colour, tags and terminology stay.
+            slicer.util.updateSegmentBinaryLabelmapFromArray(labelmap, segmentationNode, segmentId, volumeNode)
+
+        flagged = result.flagged()
+        parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
+        parameterNode.SetParameter(
+            support.PARAMETER_PROPAGATION,
+            support.propagation_record(
+                conversation.id, axis, source, pending["first"], pending["last"], result.slices, len(result.masks), flagged
+            ),
+        )
+        self.lastPropagation = result
+        message = _("Propagated {rounds} round(s) to {axis} slices {first}..{last} ({count} slices).").format(
+            rounds=len(result.masks), axis=axis, first=pending["first"], last=pending["last"], count=len(result.slices)
+        )
+        if flagged:
+            message += " " + _("The JCM head corrected a poor answer on: {flagged}. Check these slices.").format(
+                flagged=support.flagged_text(flagged)
+            )
+        else:
+            message += " " + _("No answer was corrected by the JCM head.")
+        return message
+
+    def runPropagationAndWait(self, first, last, backendConfig, timeout=1200.0):
+        """Start a propagation and process events until it finishes (scripts and the self-test); return the message."""
+        import time
+
+        task = self.startPropagation(first, last, backendConfig)
+        deadline = time.monotonic() + timeout
+        while not task.done:
+            slicer.app.processEvents()
+            task.wait(0.05)
+            if time.monotonic() > deadline:
+                task.cancel()
+                raise TimeoutError(f"the propagation did not finish in {timeout:.0f} s")
+        return self.finishTask(task)
+
     def undoLastTurn(self):
         """Remove the last turn and its segment."""
         if self.conversation is None or not self.conversation.turns:
@@ -934,8 +1251,21 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
             if segmentId is not None:
                 segmentation: "vtkSegmentation" = segmentationNode.GetSegmentation()
                 segmentation.RemoveSegment(segmentId)
+        record = self.propagationRecord()
         self.conversation.undo()
         self.saveConversation()
+        if record is not None and record["rounds"] > len(self.conversation.turns):
+            # The remaining rounds' segments stay 3D; a later round must not pass for propagated.
+            rounds = len(self.conversation.turns)
+            flagged = [item for item in record["flagged"] if item[1] <= rounds]
+            parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
+            parameterNode.SetParameter(
+                support.PARAMETER_PROPAGATION,
+                support.propagation_record(
+                    record["conversation"], record["axis"], record["source"], record["first"], record["last"],
+                    record["slices"], rounds, flagged,
+                ) if rounds else "",
+            )
         return turn
 
     # -- export --------------------------------------------------------------------
@@ -1013,7 +1343,7 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
 
 
 class MultiTurnSegTest(ScriptedLoadableModuleTest):
-    """Three-turn conversation with a tiny random model on a sample CT.
+    """Three-turn conversation with a tiny random model on a sample CT, propagated to 3 slices.
 
     Needs the library's dependencies (torch, transformers, ...) and network
     access for the sample data. Runs from Developer Mode "Reload and Test" and
@@ -1117,6 +1447,67 @@ class MultiTurnSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(logic.conversation.turns), 2)
         self.assertIsNone(segmentation.GetSegment(r3Id))
 
+        self.delayDisplay("Round 3 again (refers to the hand-drawn segment)")
+        turn3 = logic.runTurnAndWait("Segment the structure inside the selected region.", "segment:" + unrelatedId, config)
+        self.assertIsNotNone(turn3.reference)
+        self.assertEqual(turn3.reference.segment, "Hand drawn")
+        turns = list(logic.conversation.turns)
+        self.assertEqual(len(turns), 3)
+        turnIds = [logic.turnSegmentId(segmentationNode, turn) for turn in turns]
+
+        def segmentArrays():
+            return {
+                segmentId: slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode).astype(bool)
+                for segmentId, _name in logic.segmentNamesAndIds(segmentationNode)
+            }
+
+        def slicesWithContent(array):
+            count = imaging.num_slices(volume, axis)
+            return [k for k in range(count) if imaging.extract_mask(array, volume, axis, k).any()]
+
+        self.delayDisplay("Propagation, cancelled: nothing changes")
+        before = segmentArrays()
+        conversationBefore = logic.conversation.copy()
+        first = max(0, index - 1)
+        last = min(imaging.num_slices(volume, axis) - 1, first + 2)
+        first = last - 2
+        task = logic.startPropagation(first, last, config)
+        task.cancel()
+        self.assertTrue(task.wait(600))
+        message = logic.finishTask(task)
+        self.assertIn("cancelled", message.lower())
+        after = segmentArrays()
+        self.assertEqual(sorted(before), sorted(after))
+        for segmentId in before:
+            self.assertTrue(np.array_equal(before[segmentId], after[segmentId]), segmentId)
+        self.assertEqual(logic.conversation, conversationBefore)
+        self.assertIsNone(logic.propagationRecord())
+
+        self.delayDisplay(f"Propagation to {axis} slices {first}..{last}")
+        message = logic.runPropagationAndWait(first, last, config)
+        self.assertIn("Propagated 3 round(s)", message)
+        result = logic.lastPropagation
+        self.assertIsNotNone(result)
+        self.assertEqual(list(result.slices), [first, first + 1, first + 2])
+        self.assertEqual(logic.conversation, conversationBefore, "propagation must not change the conversation")
+        after = segmentArrays()
+        for turn, segmentId, mask3d in zip(turns, turnIds, result.masks):
+            self.assertEqual(logic.turnSegmentId(segmentationNode, turn), segmentId)
+            segment: "vtkSegment" = segmentation.GetSegment(segmentId)
+            self.assertEqual(segment.GetName(), turn.segment_name)
+            self.assertTrue(np.allclose(segment.GetColor(), turn.color))
+            self.assertTrue(segment.HasTag("MultiTurnSeg.Round"))
+            self.assertEqual(slicesWithContent(after[segmentId]), [first, first + 1, first + 2], turn.segment_name)
+            for k in result.slices:
+                expected = imaging.extract_mask(before[segmentId] if k == index else mask3d, volume, axis, k)
+                self.assertTrue(np.array_equal(imaging.extract_mask(after[segmentId], volume, axis, k), expected))
+        # Round 1 keeps its hand edit on the conversation's slice; the hand-drawn segment is untouched.
+        self.assertTrue(np.array_equal(imaging.extract_mask(after[turnIds[0]], volume, axis, index), edit2d))
+        self.assertTrue(np.array_equal(after[unrelatedId], unrelatedBefore.astype(bool)))
+        record = logic.propagationRecord()
+        self.assertIsNotNone(record)
+        self.assertEqual((record["first"], record["last"], record["rounds"]), (first, last, 3))
+
         self.delayDisplay("Save and reload the scene")
         sceneFile = os.path.join(slicer.app.temporaryPath, "MultiTurnSegSelfTest.mrb")
         self.assertTrue(slicer.util.saveScene(sceneFile))
@@ -1127,15 +1518,27 @@ class MultiTurnSegTest(ScriptedLoadableModuleTest):
         conversation = reloaded.loadConversation()
         self.assertIsNotNone(conversation, "the conversation must be restored from the scene")
         self.assertEqual(conversation.id, conversationId)
-        self.assertEqual([t.segment_name for t in conversation.turns], [turn1.segment_name, turn2.segment_name])
+        self.assertEqual(
+            [t.segment_name for t in conversation.turns], [turn1.segment_name, turn2.segment_name, turn3.segment_name]
+        )
         self.assertEqual(conversation.turns[1].reference, turn2.reference)
         self.assertTrue(np.array_equal(conversation.turns[1].reference_mask, edit2d))
         reloadedSegmentation = reloaded.segmentationNode()
         self.assertIsNotNone(reloadedSegmentation)
+        reloadedVolume: "vtkMRMLScalarVolumeNode" = reloaded.inputVolume()
         for turn in conversation.turns:
-            self.assertIsNotNone(reloaded.turnSegmentId(reloadedSegmentation, turn))
+            segmentId = reloaded.turnSegmentId(reloadedSegmentation, turn)
+            self.assertIsNotNone(segmentId)
+            array = slicer.util.arrayFromSegmentBinaryLabelmap(reloadedSegmentation, segmentId, reloadedVolume)
+            self.assertEqual(slicesWithContent(array), [first, first + 1, first + 2], turn.segment_name)
+        record = reloaded.propagationRecord()
+        self.assertIsNotNone(record, "the propagated range must be restored from the scene")
+        self.assertEqual((record["first"], record["last"]), (first, last))
         widget = slicer.util.getModuleWidget(MODULE_NAME) if slicer.util.mainWindow() else None
         if widget is not None:
             widget.initializeFromScene()
-            self.assertEqual(widget.ui.chatHistoryTable.rowCount, 2)
+            self.assertEqual(widget.ui.chatHistoryTable.rowCount, 3)
+            self.assertEqual(
+                (widget.ui.propagateFirstSliceSpinBox.value, widget.ui.propagateLastSliceSpinBox.value), (first, last)
+            )
         self.delayDisplay("Test passed")

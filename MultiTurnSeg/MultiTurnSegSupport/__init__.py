@@ -12,6 +12,7 @@ module must load before the library's dependencies are installed.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import threading
 import time
@@ -295,6 +296,7 @@ class BackgroundTask:
 
 PARAMETER_CONVERSATION = "Conversation"  # conversation_to_json_text of the current conversation
 PARAMETER_SEGMENT_IDS = "ConversationSegmentIds"  # JSON {round: segment id}
+PARAMETER_PROPAGATION = "Propagation"  # propagation_record() of the last propagation written into the segments
 PARAMETER_NAMES = (
     "SliceView",
     "WindowPreset",
@@ -303,6 +305,80 @@ PARAMETER_NAMES = (
     "Device",
     "WorkerUrl",
     "JcmPolicy",
+    PARAMETER_PROPAGATION,
 )
 REFERENCE_INPUT_VOLUME = "InputVolume"
 REFERENCE_SEGMENTATION = "Segmentation"
+
+
+# ---------------------------------------------------------------------------
+# Propagation (the conversation replayed on a range of slices)
+
+PROPAGATION_MARGIN = 5
+"""The default range is the conversation's slice plus/minus this many slices (clamped to the volume)."""
+
+
+def default_propagation_range(slice_index: int, slice_count: int, margin: int = PROPAGATION_MARGIN) -> Tuple[int, int]:
+    """``(first, last)`` (inclusive) around ``slice_index``, clamped to ``0..slice_count - 1``."""
+    if slice_count <= 0:
+        return (0, 0)
+    last = int(slice_count) - 1
+    index = max(0, min(int(slice_index), last))
+    return (max(0, index - int(margin)), min(last, index + int(margin)))
+
+
+def propagation_record(
+    conversation_id: str,
+    axis: str,
+    source_slice: int,
+    first: int,
+    last: int,
+    slices: Sequence[int],
+    rounds: int,
+    flagged: Sequence[Tuple[int, int, Optional[float]]] = (),
+) -> str:
+    """The parameter-node text describing a propagation written into a conversation's segments."""
+    return json.dumps(
+        {
+            "conversation": str(conversation_id),
+            "axis": str(axis),
+            "source": int(source_slice),
+            "first": int(first),
+            "last": int(last),
+            "slices": [int(k) for k in slices],
+            "rounds": int(rounds),
+            "flagged": [[int(k), int(r), None if s is None else float(s)] for k, r, s in flagged],
+        },
+        separators=(",", ":"),
+    )
+
+
+def parse_propagation_record(text: Optional[str]) -> Optional[dict]:
+    """The dict of :func:`propagation_record` text, or None when empty or unreadable (never raises)."""
+    if not text:
+        return None
+    try:
+        record = json.loads(text)
+        if not isinstance(record, dict):
+            return None
+        record["conversation"] = str(record["conversation"])
+        record["axis"] = str(record["axis"])
+        for key in ("source", "first", "last", "rounds"):
+            record[key] = int(record[key])
+        record["slices"] = [int(k) for k in record.get("slices", [])]
+        record["flagged"] = [
+            (int(k), int(r), None if s is None else float(s)) for k, r, s in record.get("flagged", [])
+        ]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return record
+
+
+def flagged_text(flagged: Sequence[Tuple[int, int, Optional[float]]], limit: int = 12) -> str:
+    """``slice 12 R2 (0.41), slice 14 R1 (0.55)``: the answers the JCM head corrected ("" when none)."""
+    items = []
+    for k, r, score in list(flagged)[:limit]:
+        items.append(f"slice {k} R{r}" + ("" if score is None else f" ({score:.2f})"))
+    if len(flagged) > limit:
+        items.append(f"and {len(flagged) - limit} more")
+    return ", ".join(items)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import sys
 import textwrap
 from pathlib import Path
@@ -73,9 +74,66 @@ def test_the_calls_that_matter_were_checked(report):
         "vtkMRMLScene.AddNewNodeByClass",
         "SampleData.SampleDataLogic.downloadSample",
         "qSlicerScriptedLoadableModule.title",
+        "vtkSegment.HasTag",
+        "vtkSegment.GetName",
+        "MultiTurnSegLogic.startPropagation",
+        "MultiTurnSegLogic.runPropagationAndWait",
     }
     missing = must - report.checked_names()
     assert not missing, f"not verified any more: {sorted(missing)}"
+
+
+# --- background work never touches the scene -----------------------------------------
+
+SCENE_NAMES = {"slicer", "qt", "vtk", "ctk"}
+
+
+def background_scene_uses(source: str):
+    """``(function, line, name)`` for every Slicer/Qt/VTK name or ``self`` method call inside the
+    functions handed to ``support.BackgroundTask`` (they run in a worker thread)."""
+    tree = ast.parse(source)
+    functions = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef):
+                functions.setdefault(node, {})[child.name] = child
+    problems = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "BackgroundTask"):
+            continue
+        target = node.args[0] if node.args else None
+        if not isinstance(target, ast.Name):
+            problems.append(("?", node.lineno, "BackgroundTask needs a named local function"))
+            continue
+        fn = next((scope[target.id] for scope in functions.values() if target.id in scope), None)
+        if fn is None:
+            problems.append((target.id, node.lineno, "not found"))
+            continue
+        for inner in ast.walk(fn):
+            if isinstance(inner, ast.Name) and inner.id in SCENE_NAMES:
+                problems.append((fn.name, inner.lineno, inner.id))
+            if (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute)
+                    and isinstance(inner.func.value, ast.Name) and inner.func.value.id == "self"):
+                problems.append((fn.name, inner.lineno, f"self.{inner.func.attr}()"))
+    return problems
+
+
+def test_background_tasks_do_not_touch_the_scene():
+    source = paths.MODULE_SCRIPT.read_text(encoding="utf-8")
+    assert source.count("support.BackgroundTask(") >= 3  # turn, test connection, propagation
+    assert background_scene_uses(source) == []
+
+
+def test_background_check_catches_scene_access():
+    bad = textwrap.dedent("""
+        def startX(self):
+            def run(progress):
+                node = slicer.mrmlScene.GetNodeByID("x")
+                return self.volumeFromNode(node)
+            return support.BackgroundTask(run).start()
+        """)
+    found = {name for _fn, _line, name in background_scene_uses(bad)}
+    assert found == {"slicer", "self.volumeFromNode()"}
 
 
 # --- the checker itself must fail on real mistakes ---------------------------------

@@ -157,3 +157,31 @@ def test_error_messages():
     assert support.error_message(BackendError("refused")).startswith("Worker problem")
     assert "Out of memory" in support.error_message(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert "Could not reach" in support.error_message(ConnectionRefusedError("refused"))
+
+
+@pytest.mark.parametrize(
+    "index, count, expected",
+    [(20, 40, (15, 25)), (2, 40, (0, 7)), (38, 40, (33, 39)), (0, 1, (0, 0)), (3, 4, (0, 3)), (7, 0, (0, 0))],
+)
+def test_default_propagation_range_is_clamped(index, count, expected):
+    assert support.default_propagation_range(index, count) == expected
+
+
+def test_propagation_record_round_trip():
+    text = support.propagation_record("abc", "axial", 17, 15, 19, (15, 16, 17, 18, 19), 3, [(16, 2, 0.41), (18, 1, None)])
+    assert support.PARAMETER_PROPAGATION in support.PARAMETER_NAMES
+    record = support.parse_propagation_record(text)
+    assert record == {
+        "conversation": "abc", "axis": "axial", "source": 17, "first": 15, "last": 19,
+        "slices": [15, 16, 17, 18, 19], "rounds": 3, "flagged": [(16, 2, 0.41), (18, 1, None)],
+    }
+    for bad in ("", None, "not json", "[1, 2]", '{"conversation": "abc"}', '{"conversation":"a","axis":"axial",'
+                '"source":"x","first":0,"last":1,"rounds":1}'):
+        assert support.parse_propagation_record(bad) is None
+
+
+def test_flagged_text():
+    assert support.flagged_text([]) == ""
+    assert support.flagged_text([(12, 2, 0.412), (14, 1, None)]) == "slice 12 R2 (0.41), slice 14 R1"
+    many = [(k, 1, 0.5) for k in range(20)]
+    assert support.flagged_text(many, limit=3).endswith("slice 2 R1 (0.50), and 17 more")

@@ -75,10 +75,27 @@ def test_panel_has_the_required_controls():
     for name in ["sliceViewSelector", "windowPresetSelector", "chatHistoryTable", "promptLineEdit", "referenceSelector",
                  "undoButton", "newConversationButton", "exportButton", "exportFormatSelector", "deviceSelector",
                  "workerUrlLineEdit", "workerTokenLineEdit", "testConnectionButton", "installDependenciesButton",
-                 "progressBar", "cancelButton", "statusLabel"]:
+                 "progressBar", "cancelButton", "statusLabel", "propagateButton"]:
         assert name in widgets, name
+    assert widgets["propagateFirstSliceSpinBox"] == widgets["propagateLastSliceSpinBox"] == "QSpinBox"
     tree = ET.parse(str(paths.UI_FILE)).getroot()
     views = [item.findtext("property/string") for item in tree.find(".//widget[@name='sliceViewSelector']").findall("item")]
     assert views == ["Red", "Yellow", "Green"]
     receivers = {c.findtext("receiver") for c in tree.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
     assert {"inputVolumeSelector", "segmentationSelector"} <= receivers
+
+
+def test_propagate_controls_explain_what_they_do():
+    tree = ET.parse(str(paths.UI_FILE)).getroot()
+
+    def tooltip(name):
+        widget = tree.find(f".//widget[@name='{name}']")
+        return next(p.findtext("string") for p in widget.findall("property") if p.get("name") == "toolTip")
+
+    button = tooltip("propagateButton")
+    assert "each slice" in button and "independent 2D prediction" in button
+    assert tooltip("propagateFirstSliceSpinBox") and tooltip("propagateLastSliceSpinBox")
+    # the row sits in the conversation section, above the shared progress bar
+    chat = tree.find(".//widget[@name='chatCollapsibleButton']")
+    names = [w.get("name") for w in chat.iter("widget")]
+    assert names.index("promptLineEdit") < names.index("propagateButton") < names.index("progressBar")
