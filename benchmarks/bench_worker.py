@@ -202,9 +202,14 @@ def main(argv=None) -> int:
         print(f"slice upload (first turn on a slice): {full_image_request / 1000:.1f} kB "
               f"(raw pixels {image.nbytes / 1000:.0f} kB); later turns send only its digest")
         print(f"local/remote results identical: {'yes' if mismatches == 0 else f'NO ({mismatches} differ)'}")
-        targets = all(min(f["overhead_ms"], f["wire_ms"]) <= 15 for f in figures) and all(f["sent_kB"] + f["received_kB"] < 150
-                                                                        for f in figures[1:])
-        print(f"targets (overhead <= 15 ms/turn, < 150 kB/turn after the first): {'met' if targets else 'NOT met'}")
+        # Judged separately: the end-to-end difference is the issue's literal measure but carries
+        # the compute noise of two processes on shared cores; "wire" is what being remote adds.
+        e2e_ok = sum(f["overhead_ms"] <= 15 for f in figures)
+        wire_ok = all(f["wire_ms"] <= 15 for f in figures)
+        bytes_ok = all(f["sent_kB"] + f["received_kB"] < 150 for f in figures[1:])
+        print(f"target overhead <= 15 ms/turn: end-to-end difference within it in {e2e_ok} of {len(figures)} rounds; "
+              f"wire time {'within it in every round' if wire_ok else 'NOT within it in every round'}")
+        print(f"target < 150 kB/turn after the first: {'met' if bytes_ok else 'NOT met'}")
         if args.json:
             Path(args.json).write_text(json.dumps({"rounds": figures, "reps": args.reps, "size": args.size,
                                                    "mismatches": mismatches, "device": info.get("device"),
