@@ -206,12 +206,11 @@ def _read_dicom_folder(folder: Path, only_series: Optional[str] = None) -> Volum
     else:
         chosen = max(series_ids, key=lambda sid: (len(files_by_series[sid]), sid))
         if len(series_ids) > 1:
-            others = ", ".join(
-                f"{sid} ({len(files_by_series[sid])} files)" for sid in series_ids if sid != chosen
-            )
+            # Sizes only: series UIDs and folder paths can identify a patient.
+            others = ", ".join(str(len(files_by_series[sid])) for sid in series_ids if sid != chosen)
             logger.warning(
-                "%s holds %d DICOM series; reading %s (%d files, the largest) and ignoring %s",
-                folder, len(series_ids), chosen, len(files_by_series[chosen]), others,
+                "a DICOM folder holds %d series; reading the largest (%d files) and ignoring the others (%s files)",
+                len(series_ids), len(files_by_series[chosen]), others,
             )
     files = files_by_series[chosen]
     reader.SetFileNames(files)
@@ -219,9 +218,9 @@ def _read_dicom_folder(folder: Path, only_series: Optional[str] = None) -> Volum
         image = reader.Execute()
     except RuntimeError as exc:
         raise VolumeError(
-            f"{folder}: DICOM series {chosen} could not be read: {_first_line(exc)}"
+            f"{folder}: the DICOM series ({len(files)} files) could not be read: {_first_line(exc)}"
         ) from None
-    note = f"{folder} (DICOM series {chosen}, {len(files)} files"
+    note = f"{folder} (DICOM series, {len(files)} files"
     if len(series_ids) > 1 and only_series is None:
         note += f"; {len(series_ids) - 1} other series in the folder ignored"
     note += ")"
