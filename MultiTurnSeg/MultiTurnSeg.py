@@ -16,13 +16,11 @@ the CI check (Testing/Python/test_slicer_module_api.py) cannot infer them, so
 every MRML/VTK call is checked against Slicer's API index.
 """
 
-import json
 import logging
 import os
 import sys
 import tempfile
 
-import ctk
 import qt
 import vtk
 
@@ -198,15 +196,22 @@ class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- GUI <-> parameter node ------------------------------------------------
     def _fillWindowPresets(self):
-        self.ui.windowPresetSelector.clear()
+        combo = self.ui.windowPresetSelector
+        previous = combo.currentText
         try:
             from MultiTurnSegLib import imaging
 
             names = list(imaging.window_names())
         except ImportError:
             names = ["auto"]
-        for name in names:
-            self.ui.windowPresetSelector.addItem(name)
+        wasBlocked = combo.blockSignals(True)  # refilled after installing dependencies: keep the user's choice
+        try:
+            combo.clear()
+            for name in names:
+                combo.addItem(name)
+            combo.setCurrentIndex(max(0, combo.findText(previous)) if previous else 0)
+        finally:
+            combo.blockSignals(wasBlocked)
 
     def _fillReferenceChoices(self):
         combo = self.ui.referenceSelector
@@ -484,7 +489,7 @@ class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancel(self):
         if self.task and not self.task.done:
             self.task.cancel()
-            if getattr(self.task, "kind", "") == "propagation":
+            if self.task.kind == "propagation":
                 self.showStatus(_("Cancelling the propagation: the segments and the conversation stay as they are."))
             else:
                 self.showStatus(_("Cancelling: the result of this turn will be discarded."))
@@ -503,13 +508,13 @@ class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             message = self.logic.finishTask(task)
             self.showStatus(message or "")
-            if getattr(task, "kind", "") == "turn" and not task.cancelled and task.error is None:
+            if task.kind == "turn" and not task.cancelled and task.error is None:
                 self.ui.promptLineEdit.setText("")
         except Exception as exc:
             self.showStatus(support.error_message(exc), error=True)
-        if getattr(task, "kind", "") == "test-connection":
+        if task.kind == "test-connection":
             ok = task.error is None and not task.cancelled
-            self.ui.workerInfoLabel.setText(self.logic.describeWorkerInfo(task.result) if ok else "")
+            self.ui.workerInfoLabel.setText(_("Connected. ") + support.worker_info_text(task.result[2]) if ok else "")
         self.updateChat()
 
     def onUndo(self):
@@ -586,6 +591,7 @@ class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showStatus(_("Installing dependencies failed: {error}").format(error=exc), error=True)
         self._updateDependencyStatus()
         self._fillWindowPresets()
+        self.onSettingsChanged()
 
 
 #
@@ -643,10 +649,14 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
         from MultiTurnSegLib.conversation import conversation_from_json_text
 
         try:
-            self.conversation = conversation_from_json_text(text)
+            loaded = conversation_from_json_text(text)
         except Exception as exc:
             logging.error("MultiTurnSeg: the stored conversation cannot be read (%s); starting a new one.", exc)
             self.conversation = None
+            return None
+        # Re-entering the module reloads it: keep the object a running turn or propagation was started on.
+        if self.conversation is None or self.conversation != loaded:
+            self.conversation = loaded
         return self.conversation
 
     def saveConversation(self):
@@ -688,10 +698,9 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
         ijkToLps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix
         return imaging.volume_from_array(slicer.util.arrayFromVolume(volumeNode), ijkToLps, source=volumeNode.GetName())
 
-    def sliceShownInView(self, volume, sliceViewName):
-        """(axis, index) of the slice of ``volume`` shown in the named slice view."""
-        from MultiTurnSegLib import imaging
-
+    @staticmethod
+    def _sliceNode(sliceViewName) -> "vtkMRMLSliceNode":
+        """The slice node of the named view; ValueError when the layout has no such view."""
         layoutManager: "qSlicerLayoutManager" = slicer.app.layoutManager()
         if layoutManager is None:
             raise ValueError(_("No slice views are available (Slicer runs without its main window)."))
@@ -702,7 +711,13 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
                     view=sliceViewName
                 )
             )
-        sliceNode: "vtkMRMLSliceNode" = sliceWidget.mrmlSliceNode()
+        return sliceWidget.mrmlSliceNode()
+
+    def sliceShownInView(self, volume, sliceViewName):
+        """(axis, index) of the slice of ``volume`` shown in the named slice view."""
+        from MultiTurnSegLib import imaging
+
+        sliceNode: "vtkMRMLSliceNode" = self._sliceNode(sliceViewName)
         sliceToRas: "vtkMatrix4x4" = sliceNode.GetSliceToRAS()
         normalRas = [sliceToRas.GetElement(row, 2) for row in range(3)]
         centerRas = [sliceToRas.GetElement(row, 3) for row in range(3)]
@@ -722,9 +737,7 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
         parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
         volume = self.volumeFromNode(self.inputVolume())
         centerLps = imaging.slice_center_lps(volume, self.conversation.axis, self.conversation.slice_index)
-        layoutManager: "qSlicerLayoutManager" = slicer.app.layoutManager()
-        sliceWidget: "qMRMLSliceWidget" = layoutManager.sliceWidget(parameterNode.GetParameter("SliceView") or "Red")
-        sliceNode: "vtkMRMLSliceNode" = sliceWidget.mrmlSliceNode()
+        sliceNode: "vtkMRMLSliceNode" = self._sliceNode(parameterNode.GetParameter("SliceView") or "Red")
         ras = support.ras_to_lps(centerLps)  # the same sign flip maps LPS back to RAS
         sliceNode.JumpSliceByCentering(ras[0], ras[1], ras[2])
 
@@ -765,18 +778,23 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
         segmentId = segment_id_for(conversation, turn)
         if segmentation.GetSegment(segmentId) is not None:
             segmentation.RemoveSegment(segmentId)  # a stale segment of an undone round
-        segmentId = segmentation.AddEmptySegment(segmentId, turn.segment_name, list(turn.color))
         labelmap = np.zeros(volume.shape, dtype=np.uint8)
         imaging.insert_mask(labelmap, volume, conversation.axis, conversation.slice_index, turn.mask, 1)
-        slicer.util.updateSegmentBinaryLabelmapFromArray(labelmap, segmentationNode, segmentId, volumeNode)
-        segment: "vtkSegment" = segmentation.GetSegment(segmentId)
-        segment.SetName(turn.segment_name)
-        segment.SetColor(*[float(c) for c in turn.color])
-        for name, value in segment_tags(conversation, turn).items():
-            segment.SetTag(name, value)
+        tags = segment_tags(conversation, turn)
         terminologyEntry = terminology_entry_for(turn.prompt)
-        if terminologyEntry:
-            segment.SetTerminology(terminologyEntry)
+        segmentId = segmentation.AddEmptySegment(segmentId, turn.segment_name, list(turn.color))
+        try:
+            slicer.util.updateSegmentBinaryLabelmapFromArray(labelmap, segmentationNode, segmentId, volumeNode)
+            segment: "vtkSegment" = segmentation.GetSegment(segmentId)
+            segment.SetName(turn.segment_name)
+            segment.SetColor(*[float(c) for c in turn.color])
+            for name, value in tags.items():
+                segment.SetTag(name, value)
+            if terminologyEntry:
+                segment.SetTerminology(terminologyEntry)
+        except Exception:
+            segmentation.RemoveSegment(segmentId)  # no half-written segment without its turn
+            raise
         return segmentId
 
     # -- backend -------------------------------------------------------------------
@@ -842,17 +860,7 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
             backend = create()
             return key, backend, backend.test_connection()
 
-        task = support.BackgroundTask(run, name="MultiTurnSeg test connection")
-        task.kind = "test-connection"
-        return task.start()
-
-    @staticmethod
-    def describeWorkerInfo(result):
-        """One line about the worker's model, from its info() answer."""
-        _key, _backend, info = result
-        keys = ("model", "stage", "device", "dtype", "jcm_available", "version")
-        parts = [f"{k}: {info[k]}" for k in keys if k in info]
-        return _("Connected. ") + ("; ".join(parts) if parts else json.dumps(info)[:300])
+        return support.BackgroundTask(run, name="MultiTurnSeg test connection", kind="test-connection").start()
 
     # -- turns ---------------------------------------------------------------------
     def startTurn(self, prompt, referenceChoice, backendConfig, jcm="always"):
@@ -886,6 +894,8 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
         from MultiTurnSegLib import imaging
 
         image = imaging.render_slice(volume, axis, index, window)
+        key, createBackend = self._backendFactory(backendConfig)  # before the scene changes: settings errors first
+        base = self.conversation
         if conversation is None or not conversation.turns:
             conversation = Conversation(
                 volume=volumeNode.GetID(), axis=axis, slice_index=index, image_size=tuple(image.shape[:2]), window=window
@@ -928,24 +938,27 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
                 masks[reference.segment] = self.segmentMaskOnSlice(
                     segmentationNode, segmentId, volumeNode, volume, axis, index
                 )
-        key, createBackend = self._backendFactory(backendConfig)
 
         # The background thread works on a copy: a cancelled or failed turn
         # leaves the conversation (and the scene) exactly as it was.
         working = conversation.copy()
         session_kwargs = {"segment_masks": masks, "segment_names": list(names) + list(masks), "jcm": jcm}
+        firstStage = "loading model" if key != self._backendKey else "preparing"
+        state = {}  # "backend" once created (kept even when the turn fails)
 
         def run(progress):
-            progress("loading model" if key != self._backendKey else "preparing", 0.0)
+            progress(firstStage, 0.0)
             backend = createBackend()
+            state["backend"] = (key, backend)
             session = ChatSession(backend, image, working, **session_kwargs)
             turn = session.ask(prompt, reference=reference if reference is not None else "none", progress=progress)
             return key, backend, turn
 
-        task = support.BackgroundTask(run)
-        task.kind = "turn"
+        task = support.BackgroundTask(run, kind="turn")
         self._pendingTurn = {
             "task": task,
+            "state": state,
+            "base": base,  # self.conversation when the turn started
             "conversation": conversation,
             "volumeNodeId": volumeNode.GetID(),
             "segmentationNodeId": segmentationNode.GetID(),
@@ -965,25 +978,36 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
             return _("Worker reachable.")
         if task.kind == "propagation":
             return self._finishPropagation(task)
+        from MultiTurnSegLib.conversation.segments import check_conversation_fits
+
         pending, self._pendingTurn = self._pendingTurn, None
         if pending is None or pending["task"] is not task:
             return ""
+        if "backend" in pending["state"]:
+            self._adoptBackend(*pending["state"]["backend"])  # keep a loaded model even when the turn failed
         if task.error is not None:
             if isinstance(task.error, support.Cancelled):
                 return _("Turn cancelled.")
             raise task.error
-        key, backend, turn = task.result
-        self._adoptBackend(key, backend)
+        _key, _backend, turn = task.result
         if task.cancelled:
             return _("Turn cancelled; its result was discarded.")
+        if self.conversation is not pending["base"]:
+            raise ValueError(_("The conversation changed while the turn was running; its result was discarded."))
         volumeNode: "vtkMRMLScalarVolumeNode" = slicer.mrmlScene.GetNodeByID(pending["volumeNodeId"])
         segmentationNode: "vtkMRMLSegmentationNode" = slicer.mrmlScene.GetNodeByID(pending["segmentationNodeId"])
         if volumeNode is None or segmentationNode is None:
             raise ValueError(_("The volume or segmentation was removed while the turn was running; result discarded."))
         conversation = pending["conversation"]
         volume = self.volumeFromNode(volumeNode)
-        self._writeTurnSegment(segmentationNode, volumeNode, volume, conversation, turn)
+        check_conversation_fits(conversation, volume)
+        # Segment and turn together or neither: append validates the turn, a failed write takes it back.
         conversation.append(turn)
+        try:
+            self._writeTurnSegment(segmentationNode, volumeNode, volume, conversation, turn)
+        except Exception:
+            conversation.undo()
+            raise
         self.conversation = conversation
         self.saveConversation()
         text, low, _tip = support.jcm_text(turn.jcm_score, turn.jcm_refined)
@@ -1139,8 +1163,7 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
             )
             return key, backend, result
 
-        task = support.BackgroundTask(run, name="MultiTurnSeg propagation")
-        task.kind = "propagation"
+        task = support.BackgroundTask(run, name="MultiTurnSeg propagation", kind="propagation")
         state["task"] = task
         self._pendingPropagation = {
             "task": task,
@@ -1254,18 +1277,11 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
         record = self.propagationRecord()
         self.conversation.undo()
         self.saveConversation()
-        if record is not None and record["rounds"] > len(self.conversation.turns):
-            # The remaining rounds' segments stay 3D; a later round must not pass for propagated.
-            rounds = len(self.conversation.turns)
-            flagged = [item for item in record["flagged"] if item[1] <= rounds]
+        # The remaining rounds' segments stay 3D; a later round must not pass for propagated.
+        truncated = support.truncated_propagation_record(record, len(self.conversation.turns))
+        if truncated is not None:
             parameterNode: "vtkMRMLScriptedModuleNode" = self.getParameterNode()
-            parameterNode.SetParameter(
-                support.PARAMETER_PROPAGATION,
-                support.propagation_record(
-                    record["conversation"], record["axis"], record["source"], record["first"], record["last"],
-                    record["slices"], rounds, flagged,
-                ) if rounds else "",
-            )
+            parameterNode.SetParameter(support.PARAMETER_PROPAGATION, truncated)
         return turn
 
     # -- export --------------------------------------------------------------------

@@ -232,8 +232,11 @@ class BackgroundTask:
     must not touch Qt or MRML.
     """
 
-    def __init__(self, fn: Callable[[Callable[[str, float], None]], object], name: str = "MultiTurnSeg turn"):
+    def __init__(
+        self, fn: Callable[[Callable[[str, float], None]], object], name: str = "MultiTurnSeg turn", kind: str = ""
+    ):
         self._fn = fn
+        self.kind = kind  # what the task does ("turn", "propagation", "test-connection"): how its result is applied
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._done = threading.Event()
@@ -295,7 +298,6 @@ class BackgroundTask:
 # Scene storage: names of parameters and segment tags
 
 PARAMETER_CONVERSATION = "Conversation"  # conversation_to_json_text of the current conversation
-PARAMETER_SEGMENT_IDS = "ConversationSegmentIds"  # JSON {round: segment id}
 PARAMETER_PROPAGATION = "Propagation"  # propagation_record() of the last propagation written into the segments
 PARAMETER_NAMES = (
     "SliceView",
@@ -372,6 +374,32 @@ def parse_propagation_record(text: Optional[str]) -> Optional[dict]:
     except (ValueError, TypeError, KeyError):
         return None
     return record
+
+
+def truncated_propagation_record(record: Optional[dict], rounds: int) -> Optional[str]:
+    """After undo: the record text for the first ``rounds`` rounds ("" when none are left).
+
+    None when ``record`` (a :func:`parse_propagation_record` dict) needs no change, i.e. covers at
+    most ``rounds`` rounds: a round added after the propagation must not pass for propagated.
+    """
+    if record is None or record["rounds"] <= rounds:
+        return None
+    if rounds <= 0:
+        return ""
+    flagged = [item for item in record["flagged"] if item[1] <= rounds]
+    return propagation_record(
+        record["conversation"], record["axis"], record["source"], record["first"], record["last"],
+        record["slices"], rounds, flagged,
+    )
+
+
+def worker_info_text(info) -> str:
+    """One line about a worker's model, from its info() answer."""
+    if not isinstance(info, dict):
+        return str(info)[:300]
+    keys = ("model", "stage", "device", "dtype", "jcm_available", "version")
+    parts = [f"{k}: {info[k]}" for k in keys if k in info]
+    return "; ".join(parts) if parts else json.dumps(info, default=str)[:300]
 
 
 def flagged_text(flagged: Sequence[Tuple[int, int, Optional[float]]], limit: int = 12) -> str:

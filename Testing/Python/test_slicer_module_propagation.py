@@ -140,6 +140,12 @@ class Scene:
             def GetSegmentation(self):
                 return self.segmentation
 
+            def GetNodeReference(self, role):  # the reference geometry is set
+                return scene.volume_node
+
+            def GetName(self):
+                return "Chat"
+
         class ParameterNode:
             def GetParameter(self, name):
                 return scene.parameters.get(name, "")
@@ -181,6 +187,7 @@ def scene(monkeypatch):
 
     slicer = types.ModuleType("slicer")
     slicer.mrmlScene = s
+    slicer.vtkMRMLSegmentationNode = types.SimpleNamespace(GetReferenceImageGeometryReferenceRole=lambda: "referenceImageGeometryRef")
     slicer.app = types.SimpleNamespace(processEvents=lambda: None)
     util = types.ModuleType("slicer.util")
     util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self, *a: None})
@@ -342,3 +349,76 @@ def test_reference_to_a_renamed_round_segment_follows_the_round(scene, local_req
     round1 = [extract_mask(logic.lastPropagation.masks[0], scene.volume, AXIS, k) for k in (5, 7)]
     assert len(refs) == 2 and all(np.array_equal(a, b) for a, b in zip(refs, round1))
     assert logic.conversation.turns[1].reference == Reference.to_segment("liver")  # only the working copy changed
+
+
+# --- turns and reloads while a task runs ---------------------------------------------
+
+
+def _start_turn(scene, logic, config, monkeypatch):
+    # The Red view shows the conversation's slice (no layout manager in these tests).
+    monkeypatch.setattr(logic, "sliceShownInView", lambda volume, view: (AXIS, SOURCE))
+    task = logic.startTurn("Segment the heart", scene.support.REFERENCE_NONE, config)
+    assert task.wait(60)
+    return task
+
+
+def test_reloading_the_stored_conversation_keeps_a_running_propagation(scene, local_requirements, make_backend):
+    logic, config, ids, _hand, _edit = _setup(scene, make_backend())
+    task = logic.startPropagation(5, 7, config)
+    logic.loadConversation()  # what re-entering the module does while the task runs
+    assert task.wait(60)
+    assert logic.finishTask(task).startswith("Propagated 3 round(s)")
+    assert sorted(scene.writes) == sorted(ids)
+
+
+def test_turn_adds_one_segment(scene, local_requirements, make_backend, monkeypatch):
+    logic, config, ids, _hand, _edit = _setup(scene, make_backend())
+    task = _start_turn(scene, logic, config, monkeypatch)
+    assert logic.finishTask(task).startswith("Round 4")
+    turn = logic.conversation.turns[-1]
+    assert turn.round == 4 and turn.reference is None
+    segment_id = logic.turnSegmentId(scene.segmentation_node, turn)
+    assert scene.writes == [segment_id] and segment_id not in ids
+    assert _slices_with_content(scene, scene.arrays[segment_id]) in ([], [SOURCE])
+    assert scene.module.support.PARAMETER_CONVERSATION in scene.parameters
+
+
+def test_failed_segment_write_keeps_turn_and_segments_as_they_were(scene, local_requirements, make_backend, monkeypatch):
+    logic, config, _ids, _hand, _edit = _setup(scene, make_backend())
+    segments, conversation = set(scene.arrays), logic.conversation.copy()
+    stored = scene.parameters[scene.support.PARAMETER_CONVERSATION]
+    task = _start_turn(scene, logic, config, monkeypatch)
+
+    def broken(*args):
+        raise RuntimeError("cannot write the labelmap")
+
+    monkeypatch.setattr(scene.module.slicer.util, "updateSegmentBinaryLabelmapFromArray", broken)
+    with pytest.raises(RuntimeError, match="cannot write"):
+        logic.finishTask(task)
+    assert set(scene.arrays) == segments and logic.conversation == conversation
+    assert scene.parameters[scene.support.PARAMETER_CONVERSATION] == stored
+
+
+def test_turn_result_is_discarded_when_another_conversation_was_loaded(scene, local_requirements, make_backend, monkeypatch):
+    logic, config, _ids, _hand, _edit = _setup(scene, make_backend())
+    segments = set(scene.arrays)
+    task = _start_turn(scene, logic, config, monkeypatch)
+    other = logic.conversation.copy()
+    other.undo()
+    logic.conversation = other  # e.g. a scene imported while the turn ran
+    with pytest.raises(ValueError, match="conversation changed while the turn was running"):
+        logic.finishTask(task)
+    assert set(scene.arrays) == segments and logic.conversation is other and len(other.turns) == 2
+
+
+def test_failed_turn_keeps_the_loaded_backend(scene, local_requirements, make_backend, monkeypatch):
+    backend = make_backend()
+    logic, config, _ids, _hand, _edit = _setup(scene, backend)
+    backend.fail_at = 1  # the turn's first call
+    logic._backend = logic._backendKey = None  # not loaded yet: the turn loads it
+    key = ("local", "model.json", "cpu")
+    monkeypatch.setattr(logic, "_backendFactory", lambda config: (key, lambda: backend))
+    task = _start_turn(scene, logic, config, monkeypatch)
+    with pytest.raises(InferenceError):
+        logic.finishTask(task)
+    assert (logic._backend, logic._backendKey) == (backend, key) and scene.writes == []

@@ -185,3 +185,24 @@ def test_flagged_text():
     assert support.flagged_text([(12, 2, 0.412), (14, 1, None)]) == "slice 12 R2 (0.41), slice 14 R1"
     many = [(k, 1, 0.5) for k in range(20)]
     assert support.flagged_text(many, limit=3).endswith("slice 2 R1 (0.50), and 17 more")
+
+
+def test_background_task_kind():
+    assert support.BackgroundTask(lambda progress: None).kind == ""
+    assert support.BackgroundTask(lambda progress: None, kind="turn").kind == "turn"
+
+
+def test_truncated_propagation_record_after_undo():
+    text = support.propagation_record("abc", "axial", 17, 15, 19, (15, 16, 17, 18, 19), 3, [(16, 2, 0.41), (18, 3, None)])
+    record = support.parse_propagation_record(text)
+    assert support.truncated_propagation_record(None, 2) is None
+    assert support.truncated_propagation_record(record, 3) is None  # nothing propagated was undone
+    assert support.truncated_propagation_record(record, 0) == ""
+    shorter = support.parse_propagation_record(support.truncated_propagation_record(record, 2))
+    assert shorter == {**record, "rounds": 2, "flagged": [(16, 2, 0.41)]}
+
+
+def test_worker_info_text():
+    info = {"model": "MediRound", "device": "cuda:0", "jcm_available": True, "other": 1}
+    assert support.worker_info_text(info) == "model: MediRound; device: cuda:0; jcm_available: True"
+    assert support.worker_info_text({"other": 1}) == '{"other": 1}'
