@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -19,6 +20,17 @@ import numpy as np
 
 ProgressCallback = Callable[[str, float], None]
 """Called with a short stage name and a fraction in [0, 1]."""
+
+log = logging.getLogger(__name__)
+
+
+def report_progress(progress: Optional[ProgressCallback], stage: str, fraction: float) -> None:
+    """Call ``progress`` if given; a broken progress display must not fail the turn."""
+    if progress is not None:
+        try:
+            progress(stage, float(fraction))
+        except Exception:
+            log.debug("progress callback failed", exc_info=True)
 
 
 class AnswerMode(str, enum.Enum):

@@ -25,20 +25,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import InferenceError, InputError, MultiTurnSegError
+from ..errors import InferenceError, MultiTurnSegError
 from ..worker.cache import LRUBytes, SessionCache
-from ..worker.protocol import (
-    DEFAULT_LIMITS,
-    ProtocolError,
-    WireLimits,
-    check_answer,
-    check_image,
-    check_mask,
-    check_prompt,
-    image_digest,
-    turn_digest,
-)
-from .base import AnswerMode, Backend, ProgressCallback, TurnResult, TurnSpec
+from ..worker.protocol import DEFAULT_LIMITS, WireLimits, check_request, image_digest, turn_digest
+from .base import AnswerMode, Backend, ProgressCallback, TurnResult, TurnSpec, report_progress
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +50,7 @@ def request_key(image_key: str, history_keys, turn: TurnSpec, apply_jcm: bool, a
 
 
 class _StoredResult:
-    __slots__ = ("bits", "shape", "answer", "jcm_score", "jcm_refined", "timings")
+    __slots__ = ("bits", "shape", "answer", "jcm_score", "jcm_refined")
 
     def __init__(self, result: TurnResult):
         self.bits = np.packbits(result.mask, axis=None)
@@ -68,51 +58,16 @@ class _StoredResult:
         self.answer = result.answer
         self.jcm_score = result.jcm_score
         self.jcm_refined = result.jcm_refined
-        self.timings = dict(result.timings)
 
     @property
     def nbytes(self) -> int:
-        return int(self.bits.nbytes) + 4 * len(self.answer) + 64 * len(self.timings) + 256
+        return int(self.bits.nbytes) + 4 * len(self.answer) + 256
 
     def result(self) -> TurnResult:
         n = self.shape[0] * self.shape[1]
         mask = np.unpackbits(self.bits, count=n).reshape(self.shape).astype(bool)
         return TurnResult(mask=mask, answer=self.answer, jcm_score=self.jcm_score,
                           jcm_refined=self.jcm_refined, timings={})
-
-
-def _report(progress: Optional[ProgressCallback], stage: str, fraction: float):
-    if progress is not None:
-        try:
-            progress(stage, float(fraction))
-        except Exception:  # a broken progress display must not fail the turn
-            log.debug("progress callback failed", exc_info=True)
-
-
-def validate_request(
-    image: np.ndarray,
-    history: Sequence[TurnSpec],
-    turn: TurnSpec,
-    limits: WireLimits = DEFAULT_LIMITS,
-):
-    """Check a turn request; returns (image, history, turn) normalized. Raises InputError."""
-    image = check_image(image)
-    shape = image.shape[:2]
-    if not isinstance(turn, TurnSpec) or any(not isinstance(t, TurnSpec) for t in history):
-        raise InputError("turns must be TurnSpec objects")
-    if len(history) + 1 > limits.max_turns:
-        raise InputError(f"the conversation has {len(history) + 1} turns; at most {limits.max_turns} are allowed")
-    out = []
-    try:
-        for i, t in enumerate(list(history) + [turn]):
-            what = f"turn {i + 1}" if i < len(history) else "the new turn's"
-            check_prompt(t.prompt, f"{what} prompt", limits)
-            check_answer(t.answer, f"{what} answer", limits, required=i < len(history))
-            mask = check_mask(t.reference_mask, shape, f"{what} reference mask")
-            out.append(t if mask is t.reference_mask else TurnSpec(t.prompt, t.answer, mask))
-    except ProtocolError as exc:
-        raise InputError(str(exc)) from None
-    return image, out[:-1], out[-1]
 
 
 class LocalBackend(Backend):
@@ -169,7 +124,7 @@ class LocalBackend(Backend):
         already computed it (the worker does)."""
         if self._closed:
             raise InferenceError("the local model was closed; load it again")
-        image, history, turn = validate_request(image, history, turn, self.limits)
+        image, history, turn = check_request(image, history, turn, self.limits)
         answer_mode = AnswerMode(answer_mode)
         t_start = time.perf_counter()
         img_key = image_key or image_digest(image)
@@ -179,9 +134,9 @@ class LocalBackend(Backend):
         if stored is not None:
             result = stored.result()
             result.timings = {"result_cache": time.perf_counter() - t_start}
-            _report(progress, "done", 1.0)
+            report_progress(progress, "done", 1.0)
             return result
-        _report(progress, "queued", 0.0)
+        report_progress(progress, "queued", 0.0)
         with self._lock:
             t_locked = time.perf_counter()
             entry, n = self.cache.take(img_key, keys)
@@ -189,7 +144,7 @@ class LocalBackend(Backend):
             try:
                 timings = {"queue": t_locked - t_start}
                 if entry is None:
-                    _report(progress, "encoding image", 0.05)
+                    report_progress(progress, "encoding image", 0.05)
                     t0 = time.perf_counter()
                     session = self.engine.new_session(image)
                     timings["new_session"] = time.perf_counter() - t0
@@ -202,11 +157,11 @@ class LocalBackend(Backend):
                 if len(history) > n:
                     t0 = time.perf_counter()
                     for i, t in enumerate(history[n:]):
-                        _report(progress, "reading conversation", 0.1 + 0.5 * i / max(1, len(history) - n))
+                        report_progress(progress, "reading conversation", 0.1 + 0.5 * i / max(1, len(history) - n))
                         session.extend(t)
                     self.cache.fed_turns += len(history) - n
                     timings["extend"] = time.perf_counter() - t0
-                _report(progress, "segmenting", 0.6)
+                report_progress(progress, "segmenting", 0.6)
                 out = session.run_turn(turn, apply_jcm=bool(apply_jcm), answer_mode=answer_mode)
             except MultiTurnSegError as exc:
                 # the session is dropped (not put back); after running out of
@@ -230,7 +185,7 @@ class LocalBackend(Backend):
             self.cache.put(img_key, new_keys, session, nbytes)
         timings.update({k: float(v) for k, v in dict(getattr(out, "timings", None) or {}).items()})
         timings["total"] = time.perf_counter() - t_start
-        _report(progress, "done", 1.0)
+        report_progress(progress, "done", 1.0)
         score = out.jcm_score
         mask = np.asarray(out.mask, dtype=bool)
         if mask.shape != image.shape[:2]:

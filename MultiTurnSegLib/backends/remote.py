@@ -14,11 +14,13 @@ cannot run) with messages a radiologist can act on.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -31,7 +33,7 @@ import numpy as np
 
 from ..errors import BackendError, InputError
 from ..worker import protocol
-from .base import AnswerMode, Backend, ProgressCallback, TurnResult, TurnSpec
+from .base import AnswerMode, Backend, ProgressCallback, TurnResult, TurnSpec, report_progress
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ DEFAULT_TIMEOUT = (5.0, 300.0)
 _MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 _UPLOAD_CHUNK = 256 * 1024
 _KNOWN_IMAGES = 64
+_UNSENDABLE_IN_HEADER = re.compile(r"[^\t\x20-\x7e\x80-\xff]")  # HTTP field-value characters
 
 
 class _ConnectFailure(Exception):
@@ -95,6 +98,9 @@ class RemoteBackend(Backend):
         self.port = port or (443 if parsed.scheme == "https" else 80)
         self.base_path = parsed.path.rstrip("/")
         self.token = token.strip() if token else None
+        if self.token and _UNSENDABLE_IN_HEADER.search(self.token):
+            # http.client would fail every request with a bare ValueError/UnicodeEncodeError
+            raise InputError("the worker token contains characters that cannot be sent in an HTTP header")
         if isinstance(timeout, (int, float)):
             timeout = (float(timeout), float(timeout))
         self.connect_timeout, self.read_timeout = (float(timeout[0]), float(timeout[1]))
@@ -311,15 +317,7 @@ class RemoteBackend(Backend):
         progress: Optional[ProgressCallback] = None,
     ) -> TurnResult:
         progress = progress or self.progress
-        report = None
-        if progress is not None:
-
-            def report(stage, fraction):
-                try:
-                    progress(stage, fraction)
-                except Exception:
-                    log.debug("progress callback failed", exc_info=True)
-
+        report = functools.partial(report_progress, progress) if progress is not None else None
         image = protocol.check_image(image)
         digest = protocol.image_digest(image)
         send_image = not (self.send_image_by_digest and self._is_known(digest))

@@ -450,10 +450,6 @@ def _cielab(color) -> "object":
     return hd.color.CIELabColor.from_rgb(*rgb)
 
 
-def _coded(code, hd):
-    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
-
-
 def segmentation_from_labelmap(
     labelmap_kji: np.ndarray,
     ijk_to_lps,
@@ -559,22 +555,22 @@ def write_dicom_seg(
         description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=label,
-            segmented_property_category=_coded(term.category, hd),
-            segmented_property_type=_coded(term.type, hd),
+            segmented_property_category=term.category.to_highdicom(),
+            segmented_property_type=term.type.to_highdicom(),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
             algorithm_identification=algorithm,
             tracking_uid=hd.UID(),
             tracking_id=str(getattr(segment, "id", "") or label)[:64],
-            anatomic_regions=[_coded(term.anatomic_region, hd)] if term.anatomic_region is not None else None,
+            anatomic_regions=[term.anatomic_region.to_highdicom()] if term.anatomic_region is not None else None,
             display_color=_cielab(getattr(segment, "color", (1.0, 1.0, 0.0))),
         )
         if term.type_modifier is not None:
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-                _coded(term.type_modifier, hd)
+                term.type_modifier.to_highdicom()
             ]
         if term.anatomic_region is not None and term.anatomic_region_modifier is not None:
             description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [
-                _coded(term.anatomic_region_modifier, hd)
+                term.anatomic_region_modifier.to_highdicom()
             ]
         if label != str(segment.name):
             description.SegmentDescription = str(segment.name)[:1024]

@@ -228,6 +228,33 @@ def check_mask(mask: Any, shape: Tuple[int, int], what: str) -> Optional[np.ndar
     return mask
 
 
+def check_request(
+    image: Any,
+    history: Sequence[TurnSpec],
+    turn: TurnSpec,
+    limits: WireLimits = DEFAULT_LIMITS,
+) -> Tuple[np.ndarray, List[TurnSpec], TurnSpec]:
+    """Check a turn request as a backend receives it; returns (image, history, turn)
+    normalized (masks boolean). Raises InputError."""
+    image = check_image(image)
+    shape = image.shape[:2]
+    if not isinstance(turn, TurnSpec) or any(not isinstance(t, TurnSpec) for t in history):
+        raise InputError("turns must be TurnSpec objects")
+    if len(history) + 1 > limits.max_turns:
+        raise InputError(f"the conversation has {len(history) + 1} turns; at most {limits.max_turns} are allowed")
+    out = []
+    try:
+        for i, t in enumerate(list(history) + [turn]):
+            what = f"turn {i + 1}" if i < len(history) else "the new turn's"
+            check_prompt(t.prompt, f"{what} prompt", limits)
+            check_answer(t.answer, f"{what} answer", limits, required=i < len(history))
+            mask = check_mask(t.reference_mask, shape, f"{what} reference mask")
+            out.append(t if mask is t.reference_mask else TurnSpec(t.prompt, t.answer, mask))
+    except ProtocolError as exc:
+        raise InputError(str(exc)) from None
+    return image, out[:-1], out[-1]
+
+
 # --------------------------------------------------------------------------- low-level pieces
 
 
@@ -412,8 +439,7 @@ def encode_request(
         check_dims(height, width, limits)
     except ProtocolError as exc:
         raise InputError(str(exc)) from None
-    if len(history) + 1 > limits.max_turns:
-        raise InputError(f"the conversation has {len(history) + 1} turns; at most {limits.max_turns} are allowed")
+    image, history, turn = check_request(image, history, turn, limits)
     blobs: List[bytes] = []
     digest = digest or image_digest(image)
     if send_image:
@@ -437,22 +463,16 @@ def encode_request(
         "answer_mode": AnswerMode(answer_mode).value,
     }
 
-    def put_turn(t: TurnSpec, what: str, required_answer: bool) -> dict:
-        try:
-            check_prompt(t.prompt, f"{what} prompt", limits)
-            check_answer(t.answer, f"{what} answer", limits, required=required_answer)
-        except ProtocolError as exc:
-            raise InputError(str(exc)) from None
-        mask = check_mask(t.reference_mask, (height, width), f"{what} reference mask")
+    def put_turn(t: TurnSpec) -> dict:
         ref = None
-        if mask is not None:
-            blob = encode_mask(mask)
+        if t.reference_mask is not None:
+            blob = encode_mask(t.reference_mask)
             blobs.append(blob)
             ref = {"encoding": MASK_ENCODING, "size": len(blob)}
         return {"prompt": t.prompt, "answer": t.answer, "reference": ref}
 
-    header["history"] = [put_turn(t, f"turn {i + 1}", True) for i, t in enumerate(history)]
-    header["turn"] = put_turn(turn, "the new turn's", False)
+    header["history"] = [put_turn(t) for t in history]
+    header["turn"] = put_turn(turn)
     return _pack(REQUEST_MAGIC, header, blobs)
 
 

@@ -217,7 +217,8 @@ def create_app(backend: Backend, *, token: Optional[str] = None, limits: Optiona
         t0 = time.perf_counter()
         body = await read_body(request)
         try:
-            req = protocol.decode_request(body, limits)
+            # decompression and hashing are CPU work: off the event loop, so /health and uploads go on
+            req = await run_in_threadpool(protocol.decode_request, body, limits)
         except ProtocolError as exc:
             status = 413 if exc.code == "too_large" else 400
             raise _Reject(status, exc.code, str(exc))

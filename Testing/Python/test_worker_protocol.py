@@ -124,6 +124,34 @@ def test_encode_rejects_bad_inputs_as_input_error():
         P.encode_request(img, [TurnSpec("a", None)], TurnSpec("x"))
     with pytest.raises(InputError, match="exactly one"):
         P.encode_request(img, [TurnSpec("a", "no seg")], TurnSpec("x"))
+    with pytest.raises(InputError, match="TurnSpec"):
+        P.encode_request(img, [("a", "Sure, [SEG].")], TurnSpec("x"))
+
+
+@pytest.mark.parametrize(
+    "history, turn",
+    [
+        ([], TurnSpec("   ")),
+        ([TurnSpec("a", None)], TurnSpec("x")),
+        ([TurnSpec("a", "no seg")], TurnSpec("x")),
+        ([], TurnSpec("x", None, np.zeros((3, 3), bool))),
+        ([TurnSpec("a", "[SEG]")] * 64, TurnSpec("x")),
+    ],
+)
+def test_client_and_local_backend_reject_a_turn_alike(history, turn):
+    # one check serves the encoder (remote client) and LocalBackend: same error, same words
+    img = _image()
+    with pytest.raises(InputError) as encoded:
+        P.encode_request(img, history, turn)
+    with pytest.raises(InputError) as checked:
+        P.check_request(img, history, turn)
+    assert str(encoded.value) == str(checked.value)
+
+
+def test_check_request_normalizes_integer_masks():
+    img = _image()
+    _, history, turn = P.check_request(img, [TurnSpec("a", "[SEG]", _mask().astype(np.uint8))], TurnSpec("x"))
+    assert history[0].reference_mask.dtype == bool and turn.reference_mask is None
 
 
 # ----------------------------------------------------------------------------- targeted malformed messages

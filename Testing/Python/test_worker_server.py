@@ -279,6 +279,13 @@ def test_bad_urls_are_input_errors():
             RemoteBackend(url)
 
 
+@pytest.mark.parametrize("token", ["abc\ndef", "tok\u20ac", "a\x00b"])
+def test_unsendable_token_is_an_input_error(token):
+    # not a bare ValueError/UnicodeEncodeError from http.client at the first request
+    with pytest.raises(InputError, match="token"):
+        RemoteBackend("http://127.0.0.1:9", token)
+
+
 def test_input_errors_are_raised_before_sending(worker):
     be = RemoteBackend(worker.url, TOKEN)
     with pytest.raises(InputError, match="empty"):
