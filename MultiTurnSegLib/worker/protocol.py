@@ -91,9 +91,12 @@ class WireLimits:
     max_turns: int = 64  # history turns + the new one
     max_prompt_chars: int = 2000
     max_answer_chars: int = 2000
+    # Per-item limits alone let a small body unpack to 64 full-size masks (> 1 GB).
+    max_decoded_bytes: int = 256 * 1024 * 1024
 
     def as_dict(self) -> dict:
         return {
+            "max_decoded_bytes": self.max_decoded_bytes,
             "max_body_bytes": self.max_body_bytes,
             "max_header_bytes": self.max_header_bytes,
             "max_side": self.max_side,
@@ -529,6 +532,15 @@ def decode_request(body: bytes, limits: WireLimits = DEFAULT_LIMITS) -> TurnRequ
 
     parsed = [parse_turn(t, f"history turn {i + 1}", True) for i, t in enumerate(history_raw)]
     parsed.append(parse_turn(header["turn"], "new turn", False))
+    # What decoding would allocate (RGB image + one bool per pixel per mask), refused before inflating.
+    n_masks = sum(size is not None for _p, _a, size in parsed)
+    decoded = height * width * (3 + n_masks)
+    if decoded > limits.max_decoded_bytes:
+        _fail(
+            f"the request would decode to {decoded} bytes ({n_masks} reference masks of {width}x{height}); "
+            f"the worker accepts at most {limits.max_decoded_bytes}: send fewer turns or a smaller slice",
+            "too_large",
+        )
 
     blobs = _Blobs(rest, "request")
     image = None

@@ -339,3 +339,22 @@ def test_fuzzed_requests_only_raise_protocol_errors(data):
         assert req.image is None or (req.image.shape == (req.height, req.width, 3) and req.image.dtype == np.uint8)
         for t in req.history + [req.turn]:
             assert t.reference_mask is None or t.reference_mask.shape == (req.height, req.width)
+
+
+def test_decoded_size_is_bounded_before_inflating():
+    """A compact body of many full-size reference masks is refused from its header
+    (image + one byte per pixel per mask), before any mask is decompressed."""
+    side = 4096
+    mask = np.zeros((side, side), bool)
+    history = [TurnSpec(f"turn {i}", "Sure, [SEG].", mask) for i in range(40)]
+    image = np.zeros((side, side, 3), np.uint8)
+    body = P.encode_request(image, history, TurnSpec("next", reference_mask=mask))
+    assert len(body) < P.DEFAULT_LIMITS.max_body_bytes  # small on the wire ...
+    with pytest.raises(ProtocolError, match="would decode to") as info:  # ... but > 600 MB decoded
+        P.decode_request(body)
+    assert info.value.code == "too_large"
+    # the same conversation of a normal-sized slice is fine
+    small = np.zeros((512, 512), bool)
+    ok = P.encode_request(np.zeros((512, 512, 3), np.uint8),
+                          [TurnSpec(t.prompt, t.answer, small) for t in history], TurnSpec("next", reference_mask=small))
+    assert len(P.decode_request(ok).history) == 40
