@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from ..evaluation.runner import JCM_POLICIES  # numpy only; the engine is imported in run()
+
     parser = subparsers.add_parser(
         "eval",
         help="official MR-MedSeg multi-round evaluation (Dice, gIoU, cIoU per round)",
@@ -48,7 +46,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dataset-dir", metavar="DIR", default=None,
                         help="folder the image/mask paths are relative to (default: the JSON file's folder)")
     parser.add_argument("--model", required=True, metavar="MODEL.json", help="model description file")
-    parser.add_argument("--jcm-policy", default="referenced", choices=("referenced", "always", "off"),
+    parser.add_argument("--jcm-policy", default="referenced", choices=JCM_POLICIES,
                         help="JCM on round r only when a later turn refers to it (official evaluation, default), "
                         "on every round (paper's Algorithm 1), or never")
     parser.add_argument("--dump", metavar="OUT.npz", help="write the captured arrays of every conversation")

@@ -164,17 +164,15 @@ def missing_error(part: str, missing: List[str]) -> ModelLoadError:
 
 
 def _checkpoint_names(part: str, keys: List[str]) -> List[str]:
-    """Local part keys back to the names used in the checkpoint file."""
-    back = {
-        "clip": lambda k: "model.vision_tower.vision_tower.vision_model." + k,
-        "sam": lambda k: "model.visual_model." + k,
-        "mm_projector": lambda k: "model.mm_projector." + k,
-        "text_hidden_fcs": lambda k: "model.text_hidden_fcs.0." + k,
-        "bbox_encoder": lambda k: "model.bbox_encoder." + k,
-        "jcm": lambda k: ("model.mask_quality_MLP." + k[len("quality."):])
-        if k.startswith("quality.")
-        else ("model.refine_MLP." + k[len("refine."):]),
-    }.get(part, lambda k: k)
+    """Local part keys back to the names used in the checkpoint file (``route`` inverted)."""
+    routes = [(prefix, local) for prefix, p, local in _ROUTES if p == part]
+
+    def back(key: str) -> str:
+        for prefix, local in routes:
+            if key.startswith(local):
+                return prefix + key[len(local):]
+        return key  # LoRA keys are kept as they are
+
     return [PEFT_PREFIX + back(k) for k in keys]
 
 
@@ -182,12 +180,13 @@ def fill_missing_from_base(part: str, given: Dict[str, torch.Tensor], missing: L
     """Take still-missing frozen weights from the base files, as the official
     loader implicitly does (it builds from them, then loads non-strictly).
 
-    ``base``: callable returning {local key: tensor} for this part, or None.
+    ``base``: callable taking the wanted local keys and returning {local key:
+    tensor} (at least those it has) for this part, or None.
     Returns the number of tensors filled; raises if some stay missing.
     """
     if not missing:
         return 0
-    source = base() if base is not None else {}
+    source = base(set(missing)) if base is not None else {}
     filled = 0
     for key in missing:
         tensor = source.get(key)

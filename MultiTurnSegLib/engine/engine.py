@@ -107,6 +107,19 @@ class MediRoundEngine:
     def build_reference(self, image_rgb, mask) -> ReferenceInput:
         return build_reference(image_rgb, mask, self.clip_processor)
 
+    @torch.no_grad()
+    def reference_rows(self, crop_pixels, boxes):
+        """The rows that replace [CROPPEDIMAGE] and [BBOXINPUT]: (K, hidden)
+        mm_projector(CLIP CLS) of K crops (K, 3, S, S) and bbox_encoder of
+        K boxes (K, 4), on the device in the model's precision."""
+        model = self.model
+        if len(crop_pixels) == 0:
+            empty = torch.zeros((0, model.llm.config.hidden_size), device=self.device, dtype=self.dtype)
+            return empty, empty
+        crops = torch.as_tensor(crop_pixels).to(self.device, self.dtype)
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).to(self.device, self.dtype)
+        return model.encode_crops(crops), model.encode_boxes(boxes)
+
     def info(self) -> dict:
         import peft
         import transformers

@@ -157,26 +157,31 @@ def _part_modules(model: MediRoundModel) -> Dict[str, nn.Module]:
 
 
 def _base_sources(spec: ModelSpec):
-    """Lazy readers of the base files for frozen weights a checkpoint may omit."""
+    """Lazy readers of the base files for frozen weights a checkpoint may omit;
+    each reads only the keys asked for (the LLaVA-Med files are ~15 GB)."""
     from safetensors import safe_open
 
-    def safetensors_part(folder: Path, prefix: str, local_prefix: str = ""):
-        def read():
+    def safetensors_part(folder: Path, prefix: str):
+        def read(wanted):
             out = {}
             for f in sorted(Path(folder).glob("*.safetensors")):
                 with safe_open(str(f), framework="pt") as st:
                     for key in st.keys():
-                        if key.startswith(prefix):
-                            out[local_prefix + key[len(prefix):]] = st.get_tensor(key)
+                        local = key[len(prefix):]
+                        if key.startswith(prefix) and local in wanted:
+                            out[local] = st.get_tensor(key)
             return out
 
         return read
+
+    def sam(wanted):
+        return {k: v for k, v in ckpt.load_torch_file(spec.medsam).items() if k in wanted}
 
     return {
         "clip": safetensors_part(spec.clip, "vision_model."),
         "mm_projector": safetensors_part(spec.llava_med, "model.mm_projector."),
         "llm": safetensors_part(spec.llava_med, ""),
-        "sam": lambda: ckpt.load_torch_file(spec.medsam),
+        "sam": sam,
     }
 
 

@@ -116,7 +116,7 @@ def build_reference(image_rgb, mask, processor=None) -> ReferenceInput:
     if fallback:
         masked = image
         mask = np.ones_like(mask)
-    crop = _square_crop(masked)
+    crop = square_crop(masked)
     if processor is None:
         processor = default_clip_processor()
     from PIL import Image
@@ -125,11 +125,13 @@ def build_reference(image_rgb, mask, processor=None) -> ReferenceInput:
     return ReferenceInput(crop_rgb=crop, crop_pixels=pixels, box=mask_box(mask), fallback=fallback)
 
 
-def _square_crop(masked: np.ndarray) -> np.ndarray:
-    """Bounding box of the pixels non-zero in any channel, zero-padded at the
-    bottom/right to a square."""
-    rows = np.flatnonzero(masked.any(axis=(1, 2)))
-    cols = np.flatnonzero(masked.any(axis=(0, 2)))
+def square_crop(masked: np.ndarray, region: Optional[np.ndarray] = None) -> np.ndarray:
+    """Bounding box of ``region`` ((H, W) bool; default: the pixels non-zero in
+    any channel), zero-padded at the bottom/right to a square."""
+    if region is None:
+        region = masked.any(axis=2)
+    rows = np.flatnonzero(region.any(axis=1))
+    cols = np.flatnonzero(region.any(axis=0))
     if rows.size == 0:  # an all-black image: nothing to cut, keep it whole
         cropped = masked
     else:

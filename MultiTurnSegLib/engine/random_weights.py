@@ -44,6 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
+from ._imports import sam_modeling  # re-exported: part of this module's public names
+from .preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
 BUILDER_VERSION = 1
 
 __all__ = [
@@ -101,38 +104,21 @@ FULL_DIMS = RandomModelDims(
 
 
 # --------------------------------------------------------------------------- SAM classes
-def sam_modeling():
-    """segment_anything.modeling without the package root (which imports torchvision)."""
-    from ._imports import sam_modeling as _sam_modeling
+def _sam_spec(dims: RandomModelDims):
+    from .spec import SamEncoderSpec
 
-    return _sam_modeling()
+    return SamEncoderSpec(embed_dim=dims.sam_embed_dim, depth=dims.sam_depth, num_heads=dims.sam_heads,
+                          global_attn_indexes=tuple(dims.sam_global_attn), out_chans=dims.out_dim)
 
 
 def _build_sam(dims: RandomModelDims, device=None):
-    """A segment-anything ``Sam`` with these encoder sizes (standard prompt encoder/decoder)."""
+    """The engine's SAM (image encoder of these sizes, standard prompt encoder/decoder)."""
     import torch
-    from functools import partial
 
-    m = sam_modeling()
+    from .sam import MedSAM
+
     with torch.device(device or "cpu"):
-        return m.Sam(
-            image_encoder=m.ImageEncoderViT(
-                depth=dims.sam_depth, embed_dim=dims.sam_embed_dim, img_size=1024, mlp_ratio=4,
-                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=dims.sam_heads,
-                patch_size=16, qkv_bias=True, use_rel_pos=True,
-                global_attn_indexes=list(dims.sam_global_attn), window_size=14, out_chans=dims.out_dim,
-            ),
-            prompt_encoder=m.PromptEncoder(
-                embed_dim=dims.out_dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16,
-            ),
-            mask_decoder=m.MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=m.TwoWayTransformer(depth=2, embedding_dim=dims.out_dim, mlp_dim=2048, num_heads=8),
-                transformer_dim=dims.out_dim, iou_head_depth=3, iou_head_hidden_dim=256,
-            ),
-            pixel_mean=[123.675, 116.28, 103.53],
-            pixel_std=[58.395, 57.12, 57.375],
-        )
+        return MedSAM(_sam_spec(dims))
 
 
 def _sam_shapes(dims: RandomModelDims) -> Dict[str, Tuple[int, ...]]:
@@ -384,8 +370,8 @@ def _calibration_images(n: int = 2):
         img += 6.0 * np.sin(xx / 37.0 + k) * np.cos(yy / 23.0)
         img = np.clip(img, 0, 255)
         rgb = np.repeat(img[None], 3, 0)
-        mean = np.array([123.675, 116.28, 103.53])[:, None, None]
-        std = np.array([58.395, 57.12, 57.375])[:, None, None]
+        mean = np.array(SAM_PIXEL_MEAN)[:, None, None]
+        std = np.array(SAM_PIXEL_STD)[:, None, None]
         x = np.zeros((3, 1024, 1024), np.float32)
         x[:, :683, :] = (rgb - mean) / std
         out.append(torch.from_numpy(x)[None])
@@ -458,12 +444,12 @@ def _seg_tokens(sd, dims: RandomModelDims, sp_bytes: bytes):
     clip.load_state_dict(clip_sd, strict=False)
     # chest phantom -> 336 x 336 CLIP pixels
     x = _calibration_images(1)[0][0, :, :683, 170:853]  # normalized SAM pixels, centre square
-    mean = torch.tensor([123.675, 116.28, 103.53])[:, None, None]
-    std = torch.tensor([58.395, 57.12, 57.375])[:, None, None]
+    mean = torch.tensor(SAM_PIXEL_MEAN)[:, None, None]
+    std = torch.tensor(SAM_PIXEL_STD)[:, None, None]
     rgb = (x * std + mean).clamp(0, 255).permute(1, 2, 0).numpy().astype(np.uint8)
     pic = np.asarray(Image.fromarray(rgb).resize((336, 336), Image.BICUBIC), np.float32) / 255.0
-    o_mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-    o_std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    o_mean = torch.tensor(_CLIP_PREPROCESSOR["image_mean"])[:, None, None]
+    o_std = torch.tensor(_CLIP_PREPROCESSOR["image_std"])[:, None, None]
     pixels = (torch.from_numpy(pic).permute(2, 0, 1) - o_mean) / o_std
     with torch.no_grad():
         feats = clip(pixel_values=pixels[None], output_hidden_states=True).hidden_states[-2][0, 1:]
@@ -773,6 +759,12 @@ def _sam_encoder_entry(dims: RandomModelDims) -> dict:
     }
 
 
+def _is_vit_b(dims: RandomModelDims) -> bool:
+    from .spec import VIT_B
+
+    return _sam_spec(dims) == VIT_B
+
+
 def build_random_engine(dims: RandomModelDims = TINY_DIMS, seed: int = 0, device="auto", dtype=None,
                         load_in_4bit: bool = False, calibrate: bool = False):
     """A random MediRound engine built in memory: the weights are made on the
@@ -804,8 +796,6 @@ def build_random_engine(dims: RandomModelDims = TINY_DIMS, seed: int = 0, device
         shutil.rmtree(skeleton, ignore_errors=True)
 
 
-def _is_vit_b(dims: RandomModelDims) -> bool:
-    return (dims.sam_embed_dim, dims.sam_depth, dims.sam_heads, tuple(dims.sam_global_attn)) == (768, 12, 12, (2, 5, 8, 11))
 
 
 def build_random_model(out_dir: Union[str, Path], seed: int = 0, dims: RandomModelDims = TINY_DIMS,

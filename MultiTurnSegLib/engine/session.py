@@ -10,7 +10,7 @@ the whole conversation, which ``full_recompute=True`` performs for comparison.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -55,7 +55,6 @@ class _Turn:
     spec: TurnSpec  # as fed (answer filled in)
     ids_start: int  # conversation ids before this turn
     cache_start: int  # cached (expanded) positions before this turn
-    reference: Optional[ReferenceInput]
 
 
 @dataclass
@@ -63,7 +62,6 @@ class _Prepared:
     spec: TurnSpec
     ids: List[int]
     reference: Optional[ReferenceInput]
-    timings: Dict[str, float] = field(default_factory=dict)
 
 
 class SliceSession:
@@ -75,8 +73,7 @@ class SliceSession:
         self.image_size_hw: Tuple[int, int] = tuple(self.image.shape[:2])
         self.timings: Dict[str, float] = {}
         with device_errors("encoding the slice"), torch.no_grad():
-            (self.images_clip, self.clip_image_features, self.sam_image_embedding,
-             self.sam_resize_hw) = self._encode_slice()
+            self._encode_slice()
         self._cache = engine.new_cache()
         self._ids: List[int] = []
         self._turns: List[_Turn] = []
@@ -119,17 +116,18 @@ class SliceSession:
         state = self._snapshot()
         try:
             with device_errors("running the turn"), torch.no_grad():
+                # Built once: generation and the fed turn use the same reference.
+                reference = self._reference(spec, timings)
                 if spec.answer is None:
                     if AnswerMode(answer_mode) is AnswerMode.GENERATE:
                         t = time.perf_counter()
-                        answer, appended = self._generate_answer(spec, max_new_tokens)
+                        answer, appended = self._generate_answer(spec, reference, max_new_tokens)
                         timings["generate"] = time.perf_counter() - t
                         generated = True
                     else:
                         answer = DEFAULT_ANSWER_TEMPLATE
                     spec = replace(spec, answer=answer)
-                prepared = self._prepare(spec, first=not self._turns)
-                timings.update(prepared.timings)
+                prepared = self._prepare(spec, not self._turns, reference)
                 if full_recompute:
                     hidden, offsets, crop_rows, box_rows = self._recompute_all(prepared, timings)
                 else:
@@ -152,7 +150,7 @@ class SliceSession:
         state = self._snapshot()
         try:
             with device_errors("feeding a history turn"), torch.no_grad():
-                prepared = self._prepare(spec, first=not self._turns)
+                prepared = self._prepare(spec, not self._turns, self._reference(spec, {}))
                 self._forward([prepared], self._cache, {})
                 self._record(prepared)
         except BaseException:
@@ -180,7 +178,8 @@ class SliceSession:
 
     # --- internals ------------------------------------------------------------
 
-    def _encode_slice(self):
+    def _encode_slice(self) -> None:
+        """Sets images_clip, clip_image_features, sam_image_embedding, sam_resize_hw."""
         eng, model = self.engine, self.engine.model
         t = time.perf_counter()
         images_clip = clip_pixels(eng.clip_processor, self.image)
@@ -190,7 +189,8 @@ class SliceSession:
         pixels, resize_hw = sam_pixels(self.image, model.sam.img_size)
         sam_embed = model.sam.image_encoder(pixels.to(eng.device, eng.dtype))[0]
         self.timings["sam_image_encoder"] = time.perf_counter() - t
-        return images_clip, clip_feats, sam_embed, resize_hw
+        self.images_clip, self.clip_image_features = images_clip, clip_feats
+        self.sam_image_embedding, self.sam_resize_hw = sam_embed, resize_hw
 
     def _check_spec(self, spec: TurnSpec, need_answer: bool) -> TurnSpec:
         if not isinstance(spec, TurnSpec):
@@ -204,18 +204,17 @@ class SliceSession:
             check_mask(spec.reference_mask, self.image_size_hw)
         return spec
 
-    def _prepare(self, spec: TurnSpec, first: bool) -> _Prepared:
-        eng = self.engine
-        timings = {}
-        refers = spec.reference_mask is not None
-        text = tpl.render_turn(spec.prompt, spec.answer, first=first, refers=refers)
-        ids = eng.tokenizer.encode(text, add_bos=first)
-        reference = None
-        if refers:
-            t = time.perf_counter()
-            reference = eng.build_reference(self.image, spec.reference_mask)
-            timings["reference"] = time.perf_counter() - t
-        return _Prepared(spec=spec, ids=ids, reference=reference, timings=timings)
+    def _reference(self, spec: TurnSpec, timings) -> Optional[ReferenceInput]:
+        if spec.reference_mask is None:
+            return None
+        t = time.perf_counter()
+        reference = self.engine.build_reference(self.image, spec.reference_mask)
+        timings["reference"] = time.perf_counter() - t
+        return reference
+
+    def _prepare(self, spec: TurnSpec, first: bool, reference: Optional[ReferenceInput]) -> _Prepared:
+        text = tpl.render_turn(spec.prompt, spec.answer, first=first, refers=reference is not None)
+        return _Prepared(spec=spec, ids=self.engine.tokenizer.encode(text, add_bos=first), reference=reference)
 
     def _forward(self, turns: List[_Prepared], cache, timings):
         """Forward the turns' tokens after ``cache``; returns the last hidden
@@ -223,15 +222,12 @@ class SliceSession:
         reference rows."""
         eng, model = self.engine, self.engine.model
         refs = [p.reference for p in turns if p.reference is not None]
-        hidden_size = model.llm.config.hidden_size
         t = time.perf_counter()
         if refs:
-            crops = torch.stack([r.crop_pixels for r in refs]).to(eng.device, eng.dtype)
-            boxes = torch.tensor(np.stack([r.box for r in refs]), dtype=torch.float32)
-            crop_rows = model.encode_crops(crops)
-            box_rows = model.encode_boxes(boxes.to(eng.device, eng.dtype))
+            crop_rows, box_rows = eng.reference_rows(torch.stack([r.crop_pixels for r in refs]),
+                                                     np.stack([r.box for r in refs]))
         else:
-            crop_rows = box_rows = torch.zeros((0, hidden_size), device=eng.device, dtype=eng.dtype)
+            crop_rows, box_rows = eng.reference_rows([], [])
         timings["reference_features"] = time.perf_counter() - t
         t = time.perf_counter()
         ids = [i for p in turns for i in p.ids]
@@ -313,30 +309,20 @@ class SliceSession:
         )
 
     def _record(self, p: _Prepared) -> None:
-        ids_start = len(self._ids)
-        cache_start = self._turns_cache_end()
+        # Cached positions so far: every id is one, each <image> one per patch.
+        n_img = self._ids.count(IMAGE_TOKEN_ID)
+        cache_start = len(self._ids) + n_img * (self.clip_image_features.shape[0] - 1)
+        self._turns.append(_Turn(spec=p.spec, ids_start=len(self._ids), cache_start=cache_start))
         self._ids.extend(p.ids)
-        self._turns.append(_Turn(spec=p.spec, ids_start=ids_start, cache_start=cache_start,
-                                 reference=p.reference))
-
-    def _turns_cache_end(self) -> int:
-        if not self._turns:
-            return 0
-        return self._expanded_length(self._ids)
-
-    def _expanded_length(self, ids) -> int:
-        n_img = sum(1 for i in ids if i == IMAGE_TOKEN_ID)
-        return len(ids) + n_img * (self.clip_image_features.shape[0] - 1)
 
     def _recompute_all(self, prepared: _Prepared, timings):
         """The official way: everything from scratch (slice encoders, every
         reference crop, the whole conversation); the session continues from
         the recomputed cache."""
         t = time.perf_counter()
-        (self.images_clip, self.clip_image_features, self.sam_image_embedding,
-         self.sam_resize_hw) = self._encode_slice()
+        self._encode_slice()
         timings["slice_encoders"] = time.perf_counter() - t
-        history = [self._prepare(tr.spec, first=(i == 0)) for i, tr in enumerate(self._turns)]
+        history = [self._prepare(tr.spec, i == 0, self._reference(tr.spec, {})) for i, tr in enumerate(self._turns)]
         turns = history + [prepared]
         cache = self.engine.new_cache()
         hidden, offsets, crop_rows, box_rows = self._forward(turns, cache, timings)
@@ -375,16 +361,15 @@ class SliceSession:
 
     # --- generation -----------------------------------------------------------
 
-    def _generate_answer(self, spec: TurnSpec, max_new_tokens: int) -> Tuple[str, bool]:
+    def _generate_answer(self, spec: TurnSpec, reference: Optional[ReferenceInput],
+                         max_new_tokens: int) -> Tuple[str, bool]:
         """Greedy answer up to [SEG]; the cache is put back afterwards (the turn
         is then fed teacher-forced with the text, so a replay of fed_turns
         reproduces it exactly). Returns (answer, seg_appended)."""
         eng, model, tok = self.engine, self.engine.model, self.engine.tokenizer
         first = not self._turns
-        refers = spec.reference_mask is not None
-        question = tpl.render_question(spec.prompt, first=first, refers=refers)
-        p = _Prepared(spec=spec, ids=tok.encode(question, add_bos=first),
-                      reference=eng.build_reference(self.image, spec.reference_mask) if refers else None)
+        question = tpl.render_question(spec.prompt, first=first, refers=reference is not None)
+        p = _Prepared(spec=spec, ids=tok.encode(question, add_bos=first), reference=reference)
         state = self._snapshot()
         banned = [i for i in (tok.bos_id, tok.unk_id, tok.bbox_id, tok.crop_id) if i >= 0]
         generated: List[int] = []

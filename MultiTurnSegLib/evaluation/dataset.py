@@ -68,6 +68,7 @@ IMAGE_TEXT = "<image>\n"
 CROP_TEXT = "[CROPPEDIMAGE]"
 BOX_TEXT = "[BBOXINPUT]"
 SEG_TEXT = "[SEG]"
+_REFERENCE_TEXT = {"MASK-ENCODE": CROP_TEXT, "BOX-ENCODE": BOX_TEXT}  # human-turn marker -> model text
 
 
 @dataclass
@@ -229,8 +230,8 @@ def _parse_sample(index: int, item, dataset_dir: Path, check_files: bool) -> Off
         # ---- human turn
         text = h["value"]
         rendered = text
-        seed_mask = seed_box = None
-        has_image = has_crop = has_box = False
+        seeds = {}  # MASK-ENCODE / BOX-ENCODE -> path
+        has_image = False
         for b in _find_brackets(text):
             kind, rel = _split_marker(b, f"{where}, round {r + 1} (human)")
             if kind == "IMAGE256":
@@ -242,22 +243,16 @@ def _parse_sample(index: int, item, dataset_dir: Path, check_files: bool) -> Off
                 has_image = True
                 image_path = _resolve(dataset_dir, rel)
                 rendered = rendered.replace(b, IMAGE_TEXT)
-            elif kind == "MASK-ENCODE":
-                if has_crop:
-                    raise ConversationFormatError(f"{where}, round {r + 1}: more than one [MASK-ENCODE:...] in a turn.")
-                has_crop = True
-                seed_mask = _resolve(dataset_dir, rel)
-                rendered = rendered.replace(b, CROP_TEXT)
-            elif kind == "BOX-ENCODE":
-                if has_box:
-                    raise ConversationFormatError(f"{where}, round {r + 1}: more than one [BOX-ENCODE:...] in a turn.")
-                has_box = True
-                seed_box = _resolve(dataset_dir, rel)
-                rendered = rendered.replace(b, BOX_TEXT)
+            elif kind in _REFERENCE_TEXT:
+                if kind in seeds:
+                    raise ConversationFormatError(f"{where}, round {r + 1}: more than one [{kind}:...] in a turn.")
+                seeds[kind] = _resolve(dataset_dir, rel)
+                rendered = rendered.replace(b, _REFERENCE_TEXT[kind])
             else:
                 raise ConversationFormatError(f"{where}, round {r + 1}: {kind} belongs in a gpt turn, not a human turn.")
         if r == 0 and not has_image:
             raise ConversationFormatError(f"{where}: the first human turn must name the slice with [IMAGE256:path].")
+        has_crop, has_box = "MASK-ENCODE" in seeds, "BOX-ENCODE" in seeds
         ind = h.get("ind")
         ref: Optional[int] = None
         if ind is not None:
@@ -323,8 +318,8 @@ def _parse_sample(index: int, item, dataset_dir: Path, check_files: bool) -> Off
                 ref=ref,
                 human_text=rendered,
                 gt_mask_path=gt_path,
-                seed_ref_mask_path=seed_mask,
-                seed_box_mask_path=seed_box,
+                seed_ref_mask_path=seeds.get("MASK-ENCODE"),
+                seed_box_mask_path=seeds.get("BOX-ENCODE"),
                 ref_decode_path=ref_decode,
             )
         )

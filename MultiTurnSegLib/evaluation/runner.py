@@ -138,36 +138,21 @@ def _seed_reference(engine, image: np.ndarray, mask_path, box_path):
     box from the BOX-ENCODE mask's 255 pixels."""
     from PIL import Image
 
-    from ..engine.preprocessing import clip_pixels, mask_box
+    from ..engine.preprocessing import clip_pixels, mask_box, square_crop
 
     with Image.open(mask_path) as m:
         mask = np.asarray(m.convert("L")) != 0
-    masked = image * mask[..., None].astype(np.uint8)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if rows.size == 0:
+    if not mask.any():
         raise InputError(f"the reference seed mask {mask_path} is empty")
-    cut = masked[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
-    side = max(cut.shape[:2])
-    square = np.zeros((side, side, 3), np.uint8)
-    square[: cut.shape[0], : cut.shape[1]] = cut
+    square = square_crop(image * mask[..., None].astype(np.uint8), region=mask)
     pixels = clip_pixels(engine.clip_processor, Image.fromarray(square)).numpy()
     box = mask_box(load_gt_mask(box_path))
     return pixels.astype(np.float32), box
 
 
-def _slot_features(engine, crops: np.ndarray, boxes: np.ndarray):
-    """mm_projector(CLIP CLS) and bbox_encoder rows for (K, 3, 336, 336) crops and (K, 4) boxes."""
-    import torch
-
-    model = engine.model
-    if len(crops) == 0:
-        hidden = model.bbox_encoder.out_features
-        z = np.zeros((0, hidden), np.float32)
-        return z, z.copy()
-    with torch.no_grad():
-        c = model.encode_crops(torch.from_numpy(np.ascontiguousarray(crops)).to(engine.device, engine.dtype))
-        b = model.encode_boxes(torch.as_tensor(boxes, dtype=torch.float32).to(engine.device, engine.dtype))
-    return _np(c), _np(b)
+def _check_policy(jcm_policy: str) -> None:
+    if jcm_policy not in JCM_POLICIES:
+        raise InputError(f"the JCM policy must be one of {', '.join(JCM_POLICIES)}; got {jcm_policy!r}")
 
 
 def evaluate_sample(engine, sample: OfficialSample, jcm_policy: str = "referenced", capture: bool = False,
@@ -175,8 +160,7 @@ def evaluate_sample(engine, sample: OfficialSample, jcm_policy: str = "reference
     """Run one conversation the official way (see the module docstring)."""
     from ..backends.base import TurnSpec
 
-    if jcm_policy not in JCM_POLICIES:
-        raise InputError(f"jcm_policy must be one of {', '.join(JCM_POLICIES)}; got {jcm_policy!r}")
+    _check_policy(jcm_policy)
     t0 = time.perf_counter()
     image = sample.load_image() if image is None else image
     gt_masks = sample.load_gt_masks(image.shape) if gt_masks is None else gt_masks
@@ -225,13 +209,14 @@ def _capture(engine, session, sample: OfficialSample, image, outs, masks, jcm_fl
     a["image_size_hw"] = np.array([H, W], np.int64)
     a["sam_resize_hw"] = np.array(session.sam_resize_hw, np.int64)
     a["images_clip"] = _np(session.images_clip).astype(np.float32)
+    crop_shape = a["images_clip"].shape  # (3, S, S): crops go through the same CLIP processor
     # reference slots: human turns with 'ind', in order
     slot_turns = [r for r, t in enumerate(sample.turns) if t.ref is not None]
     K = len(slot_turns)
     a["input_round_ind"] = np.array([-1 if t.ref is None else t.ref for t in sample.turns], np.int64)
     slot_of = {r: k for k, r in enumerate(slot_turns)}
     a["input_ref_slot"] = np.array([slot_of.get(r, -1) for r in range(R)], np.int64)
-    init_crops = np.full((K, 3, 336, 336), np.nan, np.float32)
+    init_crops = np.full((K, *crop_shape), np.nan, np.float32)
     init_boxes = np.full((K, 4), np.nan, np.float64)
     for k, r in enumerate(slot_turns):
         t = sample.turns[r]
@@ -250,13 +235,13 @@ def _capture(engine, session, sample: OfficialSample, image, outs, masks, jcm_fl
     a["jcm_ran"] = np.array([o.jcm_score is not None for o in outs], bool)
     a["jcm_score"] = np.array([np.nan if o.jcm_score is None else o.jcm_score for o in outs], np.float32)
     a["jcm_refined"] = np.array([bool(o.jcm_refined) for o in outs], bool)
-    a["low_res_logits"] = stack("low_res_logits", (1, 256, 256))
+    a["low_res_logits"] = stack("low_res_logits", np.shape(outs[0].low_res_logits))
     a["logits"] = stack("logits", (H, W))
     a["mask"] = masks.copy()
     referenced = np.zeros(R, bool)
     fallback = np.zeros(R, bool)
     ref_box64 = np.full((R, 4), np.nan, np.float64)
-    ref_crop = np.full((R, 3, 336, 336), np.nan, np.float32)
+    ref_crop = np.full((R, *crop_shape), np.nan, np.float32)
     pred_crop_rows = np.full((K, hidden), np.nan, np.float32)
     pred_box_rows = np.full((K, hidden), np.nan, np.float32)
     for k, r in enumerate(slot_turns):
@@ -278,8 +263,9 @@ def _capture(engine, session, sample: OfficialSample, image, outs, masks, jcm_fl
     # Round r's full official forward holds every slot: slot k carries the
     # prediction-based reference once its referenced round is done (ind < r),
     # the teacher-forced GT seed before that.
-    seed_crop_rows, seed_box_rows = _slot_features(engine, np.nan_to_num(init_crops), np.nan_to_num(init_boxes))
-    seed_crop_rows[np.isnan(init_crops).reshape(K, 3 * 336 * 336).any(1)] = np.nan
+    seed_crop_rows, seed_box_rows = map(_np, engine.reference_rows(np.nan_to_num(init_crops),
+                                                                   np.nan_to_num(init_boxes)))
+    seed_crop_rows[np.isnan(init_crops).any(axis=(1, 2, 3))] = np.nan
     seed_box_rows[np.isnan(init_boxes).any(1)] = np.nan
     crop_features = np.zeros((R, K, hidden), np.float32)
     box_features = np.zeros((R, K, hidden), np.float32)
@@ -311,8 +297,7 @@ def run_official_evaluation(
                 dropped afterwards to bound memory on large datasets.
     progress:   a tqdm progress bar (on stderr) with the running gIoU.
     """
-    if jcm_policy not in JCM_POLICIES:
-        raise InputError(f"the JCM policy must be one of {', '.join(JCM_POLICIES)}; got {jcm_policy!r}")
+    _check_policy(jcm_policy)  # before the first sample, so an empty list is checked too
     if jcm_policy != "off" and not getattr(engine, "jcm_available", True):
         log.warning("the checkpoint has no JCM heads (stage 1): evaluating without Judgment & Correction")
     t0 = time.perf_counter()

@@ -234,6 +234,18 @@ def test_generate_mode_feeds_a_replayable_answer(engine, fixture_cases_dir):
     np.testing.assert_array_equal(again.mask, out.mask)
 
 
+def test_generate_mode_builds_a_reference_once(engine, fixture_cases_dir, monkeypatch):
+    _, image, _ = load_case(fixture_cases_dir, "single")
+    session = engine.new_session(image)
+    first = session.run_turn(TurnSpec("Segment the liver."))
+    calls = []
+    build = engine.build_reference
+    monkeypatch.setattr(engine, "build_reference", lambda *a: calls.append(1) or build(*a))
+    out = session.run_turn(TurnSpec("Segment the lesion inside it.", reference_mask=first.mask),
+                           answer_mode=AnswerMode.GENERATE, max_new_tokens=4)
+    assert len(calls) == 1 and out.answer_generated and out.ref_box is not None
+
+
 def test_lora_merged_as_w_plus_scaled_ba(engine, tiny_model_dir):
     state = torch.load(tiny_model_dir / "mediround-stage2" / "pytorch_model.bin", weights_only=True)
     p = "base_model.model.model.layers.0.self_attn."

@@ -100,6 +100,40 @@ def test_reference_fallback_rule(n_pixels, fallback):
         assert ref.crop_rgb.shape == (40, 40, 3)  # non-zero part of the whole image
 
 
+def test_square_crop_of_a_given_region():
+    from MultiTurnSegLib.engine.preprocessing import square_crop
+
+    region = np.zeros((40, 60), bool)
+    region[2:8, 0:3] = True  # includes black pixels: the cut follows the region, not the pixels
+    crop = square_crop(_image(), region)
+    assert crop.shape == (6, 6, 3) and (crop[:, 3:] == 0).all()
+    assert square_crop(_image()).shape == (40, 40, 3)  # default: non-zero pixels, 25 x 40 cut
+
+
+def test_checkpoint_names_invert_the_routing():
+    from MultiTurnSegLib.engine import checkpoint as ckpt
+
+    p = ckpt.PEFT_PREFIX
+    for key in (p + "model.vision_tower.vision_tower.vision_model.embeddings.class_embedding",
+                p + "model.visual_model.mask_decoder.iou_token.weight", p + "model.mm_projector.0.bias",
+                p + "model.text_hidden_fcs.0.2.weight", p + "model.bbox_encoder.weight",
+                p + "model.mask_quality_MLP.fc1.weight", p + "model.refine_MLP.fc3.bias",
+                p + "model.embed_tokens.weight", p + "lm_head.weight",
+                p + "model.layers.1.self_attn.v_proj.lora_B.default.weight"):
+        part, local = ckpt.route(key)
+        assert ckpt._checkpoint_names(part, [local]) == [key]
+
+
+def test_base_readers_read_only_the_keys_asked_for(tiny_model_json):
+    from MultiTurnSegLib.engine.model import _base_sources
+    from MultiTurnSegLib.engine.spec import ModelSpec
+
+    bases = _base_sources(ModelSpec.from_json(tiny_model_json))
+    assert set(bases["clip"]({"embeddings.class_embedding", "no.such.key"})) == {"embeddings.class_embedding"}
+    assert set(bases["llm"]({"model.norm.weight"})) == {"model.norm.weight"}
+    assert set(bases["sam"]({"mask_decoder.iou_token.weight"})) == {"mask_decoder.iou_token.weight"}
+
+
 def test_reference_mask_shape_is_checked():
     from MultiTurnSegLib.engine import build_reference
 
