@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import numbers
 import os
 import sys
 import textwrap
@@ -136,6 +137,8 @@ def load_script(path) -> Tuple[List[ScriptTurn], dict]:
         raise InputError(f"the script {path} does not exist")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read the script {path}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConversationFormatError(f"the script {path} is not valid JSON: {exc}") from None
     settings = {}
@@ -146,6 +149,10 @@ def load_script(path) -> Tuple[List[ScriptTurn], dict]:
                 f"the script {path} has unknown key(s) {', '.join(unknown)}; allowed: turns, axis, slice, window"
             )
         settings = {k: data[k] for k in ("axis", "slice", "window") if k in data}
+        if "slice" in settings and not _is_whole(settings["slice"]):
+            raise ConversationFormatError(
+                f"the script {path}: 'slice' must be a slice index (a whole number from 0); got {settings['slice']!r}"
+            )
         data = data.get("turns")
     if not isinstance(data, list) or not data:
         raise ConversationFormatError(f"the script {path} must hold a non-empty list of turns")
@@ -171,6 +178,29 @@ def load_script(path) -> Tuple[List[ScriptTurn], dict]:
             raise ConversationFormatError(f"turn {i} of {path}: 'answer' must be text with exactly one [SEG]")
         turns.append(ScriptTurn(prompt=prompt, reference=ref, answer=answer))
     return turns, settings
+
+
+def _is_whole(value) -> bool:
+    """A slice index: an int >= 0 (numpy's too), not a bool, float or text."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
+def _check_output(output) -> Path:
+    from ..errors import InputError
+
+    output = Path(output)
+    if not output.name.endswith(".seg.nrrd"):
+        raise InputError(f"the output {output} must be a .seg.nrrd file")
+    return output
+
+
+def _make_folder(folder: Path) -> None:
+    from ..errors import InputError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the folder {folder}: {exc.strerror or exc}") from None
 
 
 # --------------------------------------------------------------------------- pictures
@@ -327,11 +357,11 @@ def run_chat(
     out = out or sys.stdout
     axis = check_axis(axis)
     parse_window(window)
-    output = Path(output)
-    if not output.name.endswith(".seg.nrrd"):
-        raise InputError(f"the output {output} must be a .seg.nrrd file")
+    output = _check_output(output)
     volume = read_volume(volume_path)
     n = num_slices(volume, axis)
+    if slice_index is not None and not _is_whole(slice_index):
+        raise InputError(f"the slice index must be a whole number in 0..{n - 1}; got {slice_index!r}")
     index = n // 2 if slice_index is None else int(slice_index)
     if not 0 <= index < n:
         raise InputError(f"slice {index} is outside the volume: the {axis} axis has slices 0..{n - 1}")
@@ -350,7 +380,7 @@ def run_chat(
     outcome = ChatOutcome(conversation=conversation)
     if png_dir is not None:
         png_dir = Path(png_dir)
-        png_dir.mkdir(parents=True, exist_ok=True)
+        _make_folder(png_dir)
     for i, st in enumerate(turns, 1):
         try:
             turn = session.ask(st.prompt, reference=st.reference, answer=st.answer)
@@ -361,7 +391,10 @@ def run_chat(
         print(_describe_turn(turn), file=out)
         if png_dir is not None:
             path = png_dir / f"round_{turn.round:02d}.png"
-            render_turn_picture(image, conversation.turns, spacing, title=picture_title).save(path)
+            try:
+                render_turn_picture(image, conversation.turns, spacing, title=picture_title).save(path)
+            except OSError as exc:
+                raise InputError(f"cannot write the PNG {path}: {exc.strerror or exc}") from None
             outcome.png_paths.append(path)
 
     if propagate is not None and conversation.turns and outcome.error is None:
@@ -380,7 +413,7 @@ def run_chat(
         else:
             segments = conversation_segments(conversation, volume, terminology=_terminology())
         segmentation.segments.extend(segments)
-        output.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(output.parent)
         write_seg_nrrd(output, segmentation)
         outcome.segmentation_path = output
         span = f" on {axis} slices {propagate[0]}..{propagate[1]}" if outcome.propagation is not None else ""
@@ -398,7 +431,7 @@ def run_chat(
             print(f"wrote {dicom_out} (DICOM-SEG on {Path(str(dicom_series)).name})", file=out)
     if transcript is not None:
         transcript = Path(transcript)
-        transcript.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(transcript.parent)
         save_conversation(conversation, transcript)
         outcome.transcript_path = transcript
         print(f"wrote {transcript}", file=out)
@@ -450,10 +483,7 @@ def run(args: argparse.Namespace) -> int:
         from ..conversation import parse_slice_range
 
         slice_range = parse_slice_range(args.propagate)
-    if not str(args.output).endswith(".seg.nrrd"):
-        from ..errors import InputError
-
-        raise InputError(f"the output {args.output} must be a .seg.nrrd file")
+    _check_output(args.output)
     t0 = time.perf_counter()
     backend = make_backend(args)
     logger.info("backend ready in %.1f s", time.perf_counter() - t0)

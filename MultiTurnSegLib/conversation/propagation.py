@@ -94,7 +94,7 @@ class PropagationResult:
 
 def parse_slice_range(text: str) -> Tuple[int, int]:
     """``"START:STOP"`` (both inclusive, 0-based) as ``(start, stop)``; InputError otherwise."""
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text) if isinstance(text, str) else None
     if not m:
         raise InputError(f"a slice range is START:STOP with whole numbers from 0, e.g. 12:20; got {text!r}")
     return _check_range(int(m.group(1)), int(m.group(2)))

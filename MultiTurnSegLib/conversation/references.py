@@ -39,7 +39,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import ReferenceResolutionError
+from ..errors import InputError, ReferenceResolutionError
 from .model import Conversation, Reference
 from .naming import _strip_request
 
@@ -69,7 +69,7 @@ _CN_NUM = "[〇零一二两三四五六七八九十百]+"
 
 def chinese_number(text: str) -> int:
     """Value of a Chinese numeral up to 999 ("十二" -> 12, "二十三" -> 23, "一百零五" -> 105)."""
-    if text.isdigit():
+    if text.isdecimal():  # not isdigit: int() refuses digits such as "²"
         return int(text)
     total, current = 0, 0
     for ch in text:
@@ -82,7 +82,9 @@ def chinese_number(text: str) -> int:
             total += (current or 1) * 100
             current = 0
         else:
-            raise ValueError(f"not a Chinese numeral: {text!r}")
+            raise InputError(
+                f"{text!r} is not a number: use digits or Chinese numerals (一, 二, ... 十, 百) up to 999"
+            )
     return total + current
 
 

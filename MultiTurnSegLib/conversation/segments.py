@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional
 import numpy as np
 
 from ..errors import ConversationFormatError, InputError
+from ..segmentation_io.segnrrd import TERMINOLOGY_TAG  # numpy only at import, like this module
 from .model import Conversation, Turn
 from .serialization import (
     FORMAT_NAME,
@@ -43,7 +44,6 @@ from .serialization import (
 ROUND_TAG = "MultiTurnSeg.Round"
 TURN_TAG = "MultiTurnSeg.Turn"
 CONVERSATION_TAG = "MultiTurnSeg.Conversation"
-TERMINOLOGY_TAG = "TerminologyEntry"  # same as segmentation_io.TERMINOLOGY_TAG
 
 Terminology = Callable[[str], Optional[str]]
 
@@ -160,10 +160,7 @@ def conversations_from_tagged(segments: Iterable, volume) -> List[Conversation]:
 
     conversations: List[Conversation] = []
     for conv_id, group in groups.items():
-        try:
-            conv = conversation_header_from_json(group["header"], f"conversation {conv_id}")
-        except ConversationFormatError:
-            raise
+        conv = conversation_header_from_json(group["header"], f"conversation {conv_id}")
         parsed = []
         for segment, turn_obj in group["items"]:
             label = _segment_label(segment)

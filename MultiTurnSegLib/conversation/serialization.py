@@ -36,7 +36,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import ConversationFormatError, InputError
-from .model import Conversation, Reference, Turn
+from .model import Conversation, Reference, Turn, _is_int, _is_number
 
 FORMAT_NAME = "multiturnseg-conversation"
 FORMAT_VERSION = 1
@@ -102,14 +102,6 @@ def _type(value) -> str:
     )
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _require(d: dict, key: str, where: str):
     if key not in d:
         raise ConversationFormatError(f"{where}: missing field '{key}'")
@@ -128,10 +120,6 @@ def _int(d: dict, key: str, where: str) -> int:
     if not _is_int(value):
         raise ConversationFormatError(f"{where}: '{key}' must be an integer; got {_type(value)}")
     return value
-
-
-def _json_float(value: float) -> float:
-    return float(value)
 
 
 # ---------------------------------------------------------------------------
@@ -172,11 +160,11 @@ def turn_to_json(turn: Turn, *, include_mask: bool = True) -> dict:
         "answer": turn.answer,
         "reference": reference_to_json(turn.reference),
         "reference_mask": None if turn.reference_mask is None else encode_mask(turn.reference_mask),
-        "jcm_score": None if turn.jcm_score is None else _json_float(turn.jcm_score),
+        "jcm_score": None if turn.jcm_score is None else float(turn.jcm_score),
         "jcm_refined": bool(turn.jcm_refined),
-        "timings": {str(k): _json_float(v) for k, v in turn.timings.items()},
+        "timings": {str(k): float(v) for k, v in turn.timings.items()},
         "segment_name": turn.segment_name,
-        "color": [_json_float(c) for c in turn.color],
+        "color": [float(c) for c in turn.color],
         "created": turn.created,
     }
     if include_mask:

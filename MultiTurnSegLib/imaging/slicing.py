@@ -118,14 +118,19 @@ def _oriented_view(array_kji: np.ndarray, volume: Volume, axis: str) -> np.ndarr
     return can[::-1, :, ::-1].transpose(2, 0, 1)
 
 
+def _normal_voxel_axis(volume: Volume, axis: str) -> Tuple[int, int, int]:
+    """``(a, sign, n)``: the voxel axis (0=i, 1=j, 2=k) along the normal of ``axis`` slices, its
+    sign (as in :func:`patient_axis_mapping`) and its number of voxels."""
+    p = _NORMAL_PATIENT_AXIS[axis]
+    for a, (pa, s) in enumerate(patient_axis_mapping(volume)):
+        if pa == p:
+            return a, s, volume.size_ijk[a]
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def num_slices(volume: Volume, axis: str) -> int:
     """Number of slices of the volume along ``axis``."""
-    axis = check_axis(axis)
-    p = _NORMAL_PATIENT_AXIS[axis]
-    for a, (pa, _s) in enumerate(patient_axis_mapping(volume)):
-        if pa == p:
-            return volume.size_ijk[a]
-    raise AssertionError("unreachable")  # pragma: no cover
+    return _normal_voxel_axis(volume, check_axis(axis))[2]
 
 
 def slice_shape(volume: Volume, axis: str) -> Tuple[int, int]:
@@ -207,8 +212,8 @@ def extract_mask(
     return np.array(plane == value, dtype=bool)
 
 
-def _display_index_from_canonical(volume: Volume, axis: str, canonical_index: int) -> int:
-    n = num_slices(volume, axis)
+def _display_index_from_canonical(axis: str, canonical_index: int, n: int) -> int:
+    """Display index of a canonical one, and back (the map is its own inverse)."""
     if axis == "axial":
         return canonical_index
     # coronal counts posterior->anterior (y decreasing), sagittal left->right (x decreasing)
@@ -222,15 +227,14 @@ def slice_index_at(volume: Volume, axis: str, point_lps: Sequence[float]) -> int
     volume along the slice normal.
     """
     axis = check_axis(axis)
-    point = np.asarray(point_lps, dtype=float).reshape(-1)
+    try:
+        point = np.asarray(point_lps, dtype=float).reshape(-1)
+    except (TypeError, ValueError):  # e.g. text: reported below like any bad point
+        point = np.full(0, np.nan)
     if point.shape != (3,) or not np.all(np.isfinite(point)):
         raise InputError(f"a patient point needs 3 finite LPS coordinates, got {point_lps!r}.")
     ijk = np.linalg.solve(volume.ijk_to_lps, np.append(point, 1.0))[:3]
-    p = _NORMAL_PATIENT_AXIS[axis]
-    for a, (pa, s) in enumerate(patient_axis_mapping(volume)):
-        if pa == p:
-            break
-    n = volume.size_ijk[a]
+    a, s, n = _normal_voxel_axis(volume, axis)
     voxel_index = int(np.floor(ijk[a] + 0.5))
     if not 0 <= voxel_index < n:
         raise InputError(
@@ -239,19 +243,15 @@ def slice_index_at(volume: Volume, axis: str, point_lps: Sequence[float]) -> int
             f"of 0..{n - 1})."
         )
     canonical = voxel_index if s > 0 else n - 1 - voxel_index
-    return _display_index_from_canonical(volume, axis, canonical)
+    return _display_index_from_canonical(axis, canonical, n)
 
 
 def slice_center_lps(volume: Volume, axis: str, index: int) -> Tuple[float, float, float]:
     """LPS position (mm) of the centre of slice ``index`` (e.g. to move a Slicer view there)."""
     axis = check_axis(axis)
     index = _check_index(volume, axis, index)
-    p = _NORMAL_PATIENT_AXIS[axis]
-    mapping = patient_axis_mapping(volume)
     ijk = np.array([(n - 1) / 2.0 for n in volume.size_ijk], dtype=float)
-    for a, (pa, s) in enumerate(mapping):
-        if pa == p:
-            n = volume.size_ijk[a]
-            canonical = index if axis == "axial" else n - 1 - index
-            ijk[a] = canonical if s > 0 else n - 1 - canonical
+    a, s, n = _normal_voxel_axis(volume, axis)
+    canonical = _display_index_from_canonical(axis, index, n)
+    ijk[a] = canonical if s > 0 else n - 1 - canonical
     return tuple(float(v) for v in (volume.ijk_to_lps @ np.append(ijk, 1.0))[:3])  # type: ignore[return-value]

@@ -8,6 +8,7 @@ grid (the reference volume's grid). Overlapping segments are stored in layers
 from __future__ import annotations
 
 import copy
+import io
 import os
 import re
 import secrets
@@ -194,7 +195,10 @@ def validate_segment(segment: Segment, shape: Tuple[int, int, int]) -> None:
     for what, text in (("ID", segment.id), ("name", segment.name)):
         if not isinstance(text, str) or _BAD_TEXT.search(text):
             raise InputError(f"{label}: the {what} must be one line of text without control characters.")
-    color = np.asarray(segment.color, dtype=float).reshape(-1)
+    try:
+        color = np.asarray(segment.color, dtype=float).reshape(-1)
+    except (TypeError, ValueError):  # e.g. ("red", 0, 0): reported below like any bad colour
+        color = np.full(0, np.nan)
     if color.shape != (3,) or not np.all(np.isfinite(color)) or np.any(color < 0) or np.any(color > 1):
         raise InputError(f"{label}: colour {segment.color!r} must be 3 numbers (r, g, b) within 0..1.")
     for key, value in (segment.tags or {}).items():
@@ -226,18 +230,17 @@ def validate_segment(segment: Segment, shape: Tuple[int, int, int]) -> None:
 # header is never touched, and all-ASCII files are exactly what slicerio writes.
 
 
-def _header_lines(path: str) -> List[bytes]:
-    """The raw header lines (magic line up to, not including, the first blank line).
+def _header_lines(fh) -> List[bytes]:
+    """The raw header lines of the binary file ``fh`` (magic line up to, not including, the first blank line).
 
     Same rule as pynrrd/teem: the header ends at the first line that is empty
     after stripping trailing whitespace; attached data follows it.
     """
     lines: List[bytes] = []
-    with open(path, "rb") as fh:
-        for index, line in enumerate(fh):
-            if index > 0 and not line.rstrip():
-                break
-            lines.append(line)
+    for index, line in enumerate(fh):
+        if index > 0 and not line.rstrip():
+            break
+        lines.append(line)
     return lines
 
 
@@ -250,7 +253,8 @@ def _utf8_header_metadata(path: str) -> Optional[Dict[str, Any]]:
     would be the same silent corruption this code exists to prevent. Slicer
     (current versions) writes UTF-8, so such a file comes from some other tool.
     """
-    raw = _header_lines(path)
+    with open(path, "rb") as fh:
+        raw = _header_lines(fh)
     if all(line.isascii() for line in raw):
         return None  # slicerio's own reading lost nothing
     text: List[str] = []
@@ -295,25 +299,15 @@ def _ascii_placeholders(value: Any, table: Dict[str, str], nonce: str) -> Any:
     return value  # numbers, arrays: written by pynrrd as ASCII already
 
 
-def _restore_utf8(path: str, table: Dict[str, str], nonce: str) -> None:
-    """Replace the placeholders in the header of ``path`` by their UTF-8 bytes (header only)."""
-    with open(path, "rb") as fh:
-        content = fh.read()
-    header_end = len(b"".join(_header_lines(path)))
+def _restore_utf8(content: bytes, table: Dict[str, str], nonce: str, path: str) -> bytes:
+    """``content`` (a whole NRRD file) with the header's placeholders replaced by their UTF-8 bytes."""
+    header_end = len(b"".join(_header_lines(io.BytesIO(content))))
     header, data = content[:header_end], content[header_end:]
     for placeholder, text in table.items():
         header = header.replace(placeholder.encode("ascii"), text.encode("utf-8"))
     if f"MTSU8{nonce}".encode("ascii") in header:  # cannot happen unless pynrrd changes
         raise InputError(f"cannot write the segmentation {path}: non-ASCII text could not be stored in the header.")
-    # write a sibling file and move it over, so no half-written file is left behind
-    tmp = f"{path}.{nonce}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(header + data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return header + data
 
 
 # --------------------------------------------------------------------------- reading
@@ -510,12 +504,23 @@ def write_seg_nrrd(path, segmentation: Segmentation, compression_level: int = 6)
     }
 
     path = os.fspath(path)
+    # Build the whole file in memory and move it into place, so a failed write leaves no
+    # half-written file and an existing file at ``path`` stays as it was.
+    buffer = io.BytesIO()
+    slicerio.write_segmentation(buffer, out, compression_level=compression_level)
+    content = buffer.getvalue()
+    if utf8_table:
+        content = _restore_utf8(content, utf8_table, nonce, path)
+    tmp = f"{path}.{nonce}.tmp"
     try:
-        slicerio.write_segmentation(path, out, compression_level=compression_level)
-        if utf8_table:
-            _restore_utf8(path, utf8_table, nonce)
+        with open(tmp, "wb") as fh:
+            fh.write(content)
+        os.replace(tmp, path)
     except OSError as exc:
         raise InputError(f"cannot write the segmentation {path}: {exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     for s, (layer, label) in zip(segmentation.segments, placement):
         s.layer, s.label_value = layer, label
     return path

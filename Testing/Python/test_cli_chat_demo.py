@@ -130,3 +130,16 @@ def test_chat_on_a_dicom_series_exports_dicom_seg(tmp_path, ct_chest_path, tiny_
     check_geometry(seg, read_volume(series))
     for number, segment in enumerate(seg.segments, 1):
         np.testing.assert_array_equal(rebuilt[number], segment.mask)
+
+
+@pytest.mark.parametrize("value", ["abc", 4.5, -1, True])
+def test_script_slice_must_be_a_slice_index(tmp_path, value):
+    from MultiTurnSegLib.cli.chat import load_script
+    from MultiTurnSegLib.errors import ConversationFormatError
+
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps({"slice": value, "turns": ["Segment the lungs"]}))
+    with pytest.raises(ConversationFormatError, match="'slice' must be a slice index"):
+        load_script(script)
+    script.write_text(json.dumps({"slice": 3, "turns": ["Segment the lungs"]}))
+    assert load_script(script)[1] == {"slice": 3}

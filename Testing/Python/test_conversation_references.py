@@ -347,3 +347,9 @@ def test_reference_validation():
     with pytest.raises(InputError):
         Reference("box")
     assert str(R(2)) == "round 2" and str(S("Liver")) == "segment 'Liver'"
+
+
+@pytest.mark.parametrize("text", ["abc", "²", "十x"])
+def test_not_a_chinese_number_is_an_input_error(text):
+    with pytest.raises(InputError, match="not a number"):
+        chinese_number(text)

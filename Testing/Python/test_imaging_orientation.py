@@ -261,3 +261,9 @@ def test_mask_shape_mismatch(reference):
 def test_point_outside_volume(reference):
     with pytest.raises(InputError, match="outside the volume along the axial axis"):
         slice_index_at(reference, "axial", _lps_of_lattice(0, 0, 50))
+
+
+@pytest.mark.parametrize("point", ["abc", ["a", "b", "c"], (1.0, 2.0)])
+def test_bad_patient_point_is_an_input_error(reference, point):
+    with pytest.raises(InputError, match="3 finite LPS coordinates"):
+        slice_index_at(reference, "axial", point)

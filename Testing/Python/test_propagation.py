@@ -21,6 +21,7 @@ from MultiTurnSegLib.conversation import (  # noqa: E402
     Reference,
     conversation_from_segmentation,
     conversation_segments,
+    parse_slice_range,
     propagate,
     propagated_segments,
 )
@@ -277,3 +278,9 @@ def test_cli_keeps_the_single_slice_segments_when_propagation_fails(tmp_path, ct
     assert "propagation failed: propagation stopped at axial slice 11, round 1" in log.getvalue()
     (segment,) = read_seg_nrrd(out).segments
     assert [k for k in range(num_slices(volume, AXIS)) if extract_mask(segment.mask, volume, AXIS, k).any()] == [SOURCE]
+
+
+@pytest.mark.parametrize("text", [None, 5, (1, 2)])
+def test_slice_range_that_is_not_text_is_an_input_error(text):
+    with pytest.raises(InputError, match="START:STOP"):
+        parse_slice_range(text)

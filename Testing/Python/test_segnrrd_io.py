@@ -272,3 +272,30 @@ def test_unreadable_segmentation_files(tmp_path, ct_chest_path):
     bad.write_text("not nrrd")
     with pytest.raises(VolumeError, match="not a readable .seg.nrrd"):
         read_seg_nrrd(bad)
+
+
+def test_non_numeric_colour_is_refused(ct, tmp_path):
+    seg = Segmentation(ijk_to_lps=ct.ijk_to_lps, shape=ct.shape)
+    seg.segments = [Segment("x", "x", ("red", 0, 0), np.zeros(ct.shape, bool))]
+    with pytest.raises(InputError, match=r"colour .* within 0\.\.1"):
+        write_seg_nrrd(tmp_path / "c.seg.nrrd", seg)
+
+
+def test_failed_write_keeps_the_existing_file(ct, tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "keep.seg.nrrd"
+    seg = Segmentation.for_volume(ct)
+    seg.add_segment("R1 肝脏", np.zeros(ct.shape, bool), (1, 0, 0))
+    write_seg_nrrd(path, seg)
+    before = path.read_bytes()
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    seg.segments[0].name = "R1 liver"
+    with pytest.raises(InputError, match="cannot write the segmentation"):
+        write_seg_nrrd(path, seg)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.seg.nrrd"]  # no temporary file left
