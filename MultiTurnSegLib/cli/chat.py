@@ -393,8 +393,10 @@ def run_chat(
             path = png_dir / f"round_{turn.round:02d}.png"
             try:
                 render_turn_picture(image, conversation.turns, spacing, title=picture_title).save(path)
-            except OSError as exc:
-                raise InputError(f"cannot write the PNG {path}: {exc.strerror or exc}") from None
+            except OSError as exc:  # like a failed turn: stop, but still write the segments done so far
+                outcome.error = InputError(f"cannot write the PNG {path}: {exc.strerror or exc}")
+                print(f"turn {i}: {outcome.error}", file=out)
+                break
             outcome.png_paths.append(path)
 
     if propagate is not None and conversation.turns and outcome.error is None:

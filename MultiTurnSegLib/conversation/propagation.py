@@ -149,9 +149,10 @@ def _reference_plan(conversation: Conversation, segment_masks: Optional[SliceMas
             plan.append("none")  # force none: the prompt's words must not be re-read differently
         elif ref.kind == "round":
             plan.append(Reference.to_round(ref.round))
-        elif ref.segment in round_of_name:
+        elif ref.segment.casefold() in round_of_name:
             # One of this conversation's own segments: the structure is that round on the new slice.
-            plan.append(Reference.to_round(round_of_name[ref.segment]))
+            # Case-insensitive, as resolve_reference matches names.
+            plan.append(Reference.to_round(round_of_name[ref.segment.casefold()]))
         elif segment_masks is None:
             raise InputError(
                 f"round {turn.round} refers to segment '{ref.segment}', which this conversation did not make: "
@@ -160,7 +161,7 @@ def _reference_plan(conversation: Conversation, segment_masks: Optional[SliceMas
         else:
             plan.append(Reference.to_segment(ref.segment))
         if turn.segment_name:
-            round_of_name[turn.segment_name] = turn.round
+            round_of_name[turn.segment_name.casefold()] = turn.round
     return plan
 
 

@@ -60,6 +60,20 @@ def test_chat_bad_reference_fails_clearly_and_keeps_earlier_turns(tmp_path, ct_c
     assert [s.name.split(" ")[0] for s in read_seg_nrrd(out).segments] == ["R1"]
 
 
+def test_chat_png_failure_stops_but_keeps_the_turns_done(tmp_path, ct_chest_path, tiny_model_json, capsys):
+    from MultiTurnSegLib.segmentation_io import read_seg_nrrd
+
+    png = tmp_path / "png"
+    (png / "round_02.png").mkdir(parents=True)  # a folder where the second PNG should go
+    out = tmp_path / "out.seg.nrrd"
+    args = [a for p in PROMPTS for a in ("--prompt", p)]
+    rc = _chat(ct_chest_path, tiny_model_json, out, *args, "--png-dir", str(png))
+    captured = capsys.readouterr()
+    assert rc == 2 and "cannot write the PNG" in captured.err and "Traceback" not in captured.err
+    # rounds 1 and 2 ran and are written; round 3 was not asked
+    assert [s.name.split(" ")[0] for s in read_seg_nrrd(out).segments] == ["R1", "R2"]
+
+
 def test_chat_script_with_explicit_reference_and_bad_script(tmp_path, ct_chest_path, tiny_model_json, capsys):
     script = tmp_path / "s.json"
     script.write_text(json.dumps({"turns": ["Segment the lungs",

@@ -216,7 +216,8 @@ def test_segment_references(volume, spy):
               ("Segment the region inside R1 lungs", None, "R1 lungs")]
     conv = _chat(spy(), volume, script, segment_masks={"Hand": hand})
     assert [t.reference.kind if t.reference else None for t in conv.turns] == [None, "segment", "round"]
-    conv.turns[2].reference = Reference.to_segment("R1 lungs")  # as Slicer records a pick of the turn's segment
+    # as Slicer records a pick of the turn's segment; names match case-insensitively, as in resolve_reference
+    conv.turns[2].reference = Reference.to_segment("r1 LUNGS")
 
     with pytest.raises(InputError, match="segment 'Hand'.*segment_masks"):
         propagate(spy(), volume, conv, (10, 11))
