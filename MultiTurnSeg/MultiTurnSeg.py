@@ -175,7 +175,9 @@ class MultiTurnSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.pollTimer.stop()
         if self.task and not self.task.done:
             self.task.cancel()
-        if self.logic:
+            self.task.wait(5.0)
+        # Closing a backend a running thread still uses could crash it; one still busy is left to finish.
+        if self.logic and (self.task is None or self.task.done):
             self.logic.closeBackend()
 
     def enter(self):
@@ -1028,8 +1030,12 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
             if time.monotonic() > deadline:
                 task.cancel()
                 raise TimeoutError(f"the turn did not finish in {timeout:.0f} s")
-        self.finishTask(task)
-        return self.conversation.turns[-1]
+        last = self.conversation.turns[-1] if self.conversation is not None and self.conversation.turns else None
+        message = self.finishTask(task)
+        turns = self.conversation.turns if self.conversation is not None else []
+        if not turns or turns[-1] is last:  # cancelled or discarded: no new turn to return
+            raise RuntimeError(message or _("The turn produced no result."))
+        return turns[-1]
 
     # -- propagation -----------------------------------------------------------------
     def propagationRecord(self):
