@@ -204,9 +204,43 @@ def _make_folder(folder: Path) -> None:
 
 
 # --------------------------------------------------------------------------- pictures
-def _font(size: int):
+# Pillow's default font has no CJK glyphs: Chinese prompts would be drawn as
+# boxes. These are the usual CJK fonts of Linux, macOS and Windows.
+CJK_FONTS = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/System/Library/Fonts/PingFang.ttc",
+    "/System/Library/Fonts/STHeiti Light.ttc",
+    "C:/Windows/Fonts/msyh.ttc",
+    "C:/Windows/Fonts/simhei.ttf",
+)
+
+
+_warned_no_cjk_font = False
+
+
+def needs_cjk_font(texts) -> bool:
+    """True when some text has characters beyond Latin, Greek and Cyrillic (e.g. Chinese)."""
+    return any(ord(c) >= 0x2E80 for text in texts for c in text)
+
+
+def _font(size: int, cjk: bool = False):
+    """MULTITURNSEG_FONT if set, else a CJK font when ``cjk``, else Pillow's default."""
     from PIL import ImageFont
 
+    for path in [os.environ.get("MULTITURNSEG_FONT")] + (list(CJK_FONTS) if cjk else []):
+        if path:
+            try:
+                return ImageFont.truetype(path, size)
+            except OSError:
+                continue
+    global _warned_no_cjk_font
+    if cjk and not _warned_no_cjk_font:
+        _warned_no_cjk_font = True
+        logger.warning("no font with Chinese characters found for the PNG captions; "
+                       "set MULTITURNSEG_FONT to a .ttf/.ttc that has them")
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
@@ -239,8 +273,9 @@ def render_turn_picture(image_rgb, turns, spacing: Optional[Tuple[float, float]]
 
     width = picture.size[0]
     font_size = max(12, width // 40)
-    font = _font(font_size)
-    small = _font(max(11, int(font_size * 0.8)))
+    cjk = needs_cjk_font([title or ""] + [t.prompt for t in turns] + [t.segment_name or "" for t in turns])
+    font = _font(font_size, cjk)
+    small = _font(max(11, int(font_size * 0.8)), cjk)
     chars = max(20, int(width / (font_size * 0.55)))
     lines: List[Tuple[str, object, Optional[tuple]]] = []
     if title:

@@ -157,3 +157,26 @@ def test_script_slice_must_be_a_slice_index(tmp_path, value):
         load_script(script)
     script.write_text(json.dumps({"slice": 3, "turns": ["Segment the lungs"]}))
     assert load_script(script)[1] == {"slice": 3}
+
+
+def test_caption_font_for_chinese_prompts(monkeypatch, caplog):
+    """Chinese prompts need a CJK font in the PNG captions: MULTITURNSEG_FONT wins,
+    then the usual system CJK fonts in order; with none, the default font and a warning."""
+    import logging
+
+    from MultiTurnSegLib.cli import chat
+
+    assert chat.needs_cjk_font(["Segment the liver", "分割左肾"])
+    assert not chat.needs_cjk_font(["Segment the liver", "Ödem, œdème, отёк"])
+    dejavu = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"  # in this machine image (fonts-dejavu-core)
+    monkeypatch.setenv("MULTITURNSEG_FONT", dejavu)
+    assert chat._font(20).path == dejavu
+    monkeypatch.delenv("MULTITURNSEG_FONT")
+    monkeypatch.setattr(chat, "CJK_FONTS", ("/nonexistent/NotoSansCJK.ttc", dejavu))
+    assert chat._font(20, cjk=True).path == dejavu  # the first CJK font that exists
+    assert not isinstance(getattr(chat._font(20), "path", None), str)  # Latin text: the default font
+    monkeypatch.setattr(chat, "CJK_FONTS", ("/nonexistent/NotoSansCJK.ttc",))
+    monkeypatch.setattr(chat, "_warned_no_cjk_font", False)
+    with caplog.at_level(logging.WARNING, logger=chat.logger.name):
+        font = chat._font(20, cjk=True)
+    assert "MULTITURNSEG_FONT" in caplog.text and not isinstance(getattr(font, "path", None), str)
