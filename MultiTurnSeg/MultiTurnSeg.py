@@ -1020,16 +1020,8 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
 
     def runTurnAndWait(self, prompt, referenceChoice, backendConfig, timeout=600.0):
         """Start a turn and process events until it finishes (scripts and the self-test)."""
-        import time
-
         task = self.startTurn(prompt, referenceChoice, backendConfig)
-        deadline = time.monotonic() + timeout
-        while not task.done:
-            slicer.app.processEvents()
-            task.wait(0.05)
-            if time.monotonic() > deadline:
-                task.cancel()
-                raise TimeoutError(f"the turn did not finish in {timeout:.0f} s")
+        self._waitForTask(task, timeout, "the turn")
         last = self.conversation.turns[-1] if self.conversation is not None and self.conversation.turns else None
         message = self.finishTask(task)
         turns = self.conversation.turns if self.conversation is not None else []
@@ -1257,17 +1249,22 @@ class MultiTurnSegLogic(ScriptedLoadableModuleLogic):
 
     def runPropagationAndWait(self, first, last, backendConfig, timeout=1200.0):
         """Start a propagation and process events until it finishes (scripts and the self-test); return the message."""
+        task = self.startPropagation(first, last, backendConfig)
+        self._waitForTask(task, timeout, "the propagation")
+        return self.finishTask(task)
+
+    @staticmethod
+    def _waitForTask(task, timeout, what):
+        """Keep Slicer's events flowing until ``task`` is done; cancel it after ``timeout`` seconds."""
         import time
 
-        task = self.startPropagation(first, last, backendConfig)
         deadline = time.monotonic() + timeout
         while not task.done:
             slicer.app.processEvents()
             task.wait(0.05)
             if time.monotonic() > deadline:
                 task.cancel()
-                raise TimeoutError(f"the propagation did not finish in {timeout:.0f} s")
-        return self.finishTask(task)
+                raise TimeoutError(f"{what} did not finish in {timeout:.0f} s")
 
     def undoLastTurn(self):
         """Remove the last turn and its segment."""
