@@ -297,8 +297,9 @@ class BackgroundTask:
 # ---------------------------------------------------------------------------
 # Scene storage: names of parameters and segment tags
 
-PARAMETER_CONVERSATION = "Conversation"  # conversation_to_json_text of the current conversation
-PARAMETER_PROPAGATION = "Propagation"  # propagation_record() of the last propagation written into the segments
+PARAMETER_CONVERSATIONS = "Conversations"  # conversations_to_json_text: every conversation (one per slice)
+PARAMETER_CONVERSATION = "Conversation"  # before per-slice conversations: one conversation_to_json_text (read only)
+PARAMETER_PROPAGATION = "Propagation"  # propagation_records_text: the last propagation of each conversation
 PARAMETER_NAMES = (
     "SliceView",
     "WindowPreset",
@@ -307,10 +308,67 @@ PARAMETER_NAMES = (
     "Device",
     "WorkerUrl",
     "JcmPolicy",
+    PARAMETER_CONVERSATIONS,
     PARAMETER_PROPAGATION,
 )
 REFERENCE_INPUT_VOLUME = "InputVolume"
 REFERENCE_SEGMENTATION = "Segmentation"
+
+
+# ---------------------------------------------------------------------------
+# Conversations: one per slice, all stored in the parameter node
+
+
+def conversations_to_json_text(conversations: Sequence) -> str:
+    """Parameter text of several library Conversations (a JSON list of ``conversation_to_json``)."""
+    from MultiTurnSegLib.conversation import conversation_to_json
+
+    return json.dumps([conversation_to_json(c) for c in conversations], separators=(",", ":"))
+
+
+def conversations_from_json_text(text: Optional[str], legacy: Optional[str] = None) -> Tuple[list, List[str]]:
+    """``(conversations, problems)`` from :func:`conversations_to_json_text` text.
+
+    ``legacy``: the single-conversation parameter of older scenes, read when ``text`` is empty.
+    An unreadable entry is left out and described in ``problems``; the others are kept.
+    Conversations with the same id as an earlier one are left out too.
+    """
+    conversations, problems, seen = [], [], set()
+    if not text and not legacy:
+        return conversations, problems  # nothing stored: the library need not be installed yet
+    from MultiTurnSegLib.conversation import conversation_from_json, conversation_from_json_text
+
+    if not text:
+        if legacy:
+            try:
+                conversations.append(conversation_from_json_text(legacy))
+            except Exception as exc:
+                problems.append(f"the stored conversation cannot be read ({exc})")
+        return conversations, problems
+    try:
+        entries = json.loads(text)
+        if not isinstance(entries, list):
+            raise ValueError("not a list")
+    except ValueError as exc:
+        return [], [f"the stored conversations cannot be read ({exc})"]
+    for number, entry in enumerate(entries, 1):
+        try:
+            conversation = conversation_from_json(entry)
+        except Exception as exc:
+            problems.append(f"stored conversation {number} cannot be read ({exc})")
+            continue
+        if conversation.id in seen:
+            problems.append(f"stored conversation {number} repeats conversation {conversation.id}")
+            continue
+        seen.add(conversation.id)
+        conversations.append(conversation)
+    return conversations, problems
+
+
+def conversation_slices_text(conversations: Sequence, current=None) -> str:
+    """How the conversations of a volume are summed up: "axial 17 (3), axial 20 (1)" ordered by axis, slice."""
+    items = sorted(conversations, key=lambda c: (c.axis, c.slice_index))
+    return ", ".join(f"{c.axis} {c.slice_index} ({len(c.turns)})" + (" *" if c is current else "") for c in items)
 
 
 # ---------------------------------------------------------------------------
@@ -374,6 +432,35 @@ def parse_propagation_record(text: Optional[str]) -> Optional[dict]:
     except (ValueError, TypeError, KeyError):
         return None
     return record
+
+
+def propagation_records(text: Optional[str]) -> Dict[str, dict]:
+    """{conversation id: :func:`parse_propagation_record` dict} of the propagation parameter (never raises).
+
+    Reads :func:`propagation_records_text` (a JSON list) and the single record older scenes stored.
+    """
+    if not text:
+        return {}
+    try:
+        entries = json.loads(text)
+    except ValueError:
+        return {}
+    if isinstance(entries, dict):
+        entries = [entries]
+    if not isinstance(entries, list):
+        return {}
+    records = {}
+    for entry in entries:
+        record = parse_propagation_record(json.dumps(entry)) if isinstance(entry, dict) else None
+        if record is not None:
+            records[record["conversation"]] = record
+    return records
+
+
+def propagation_records_text(records: Dict[str, object]) -> str:
+    """Parameter text of {conversation id: :func:`propagation_record` text or parsed dict}; empty ones are left out."""
+    entries = [json.loads(value) if isinstance(value, str) else value for _id, value in sorted(records.items()) if value]
+    return json.dumps(entries, separators=(",", ":")) if entries else ""
 
 
 def truncated_propagation_record(record: Optional[dict], rounds: int) -> Optional[str]:

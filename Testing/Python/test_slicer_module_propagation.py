@@ -380,13 +380,14 @@ def test_turn_adds_one_segment(scene, local_requirements, make_backend, monkeypa
     segment_id = logic.turnSegmentId(scene.segmentation_node, turn)
     assert scene.writes == [segment_id] and segment_id not in ids
     assert _slices_with_content(scene, scene.arrays[segment_id]) in ([], [SOURCE])
-    assert scene.module.support.PARAMETER_CONVERSATION in scene.parameters
+    stored, _problems = scene.support.conversations_from_json_text(scene.parameters[scene.support.PARAMETER_CONVERSATIONS])
+    assert [c.id for c in stored] == [logic.conversation.id] and stored[0].turns[-1].round == 4
 
 
 def test_failed_segment_write_keeps_turn_and_segments_as_they_were(scene, local_requirements, make_backend, monkeypatch):
     logic, config, _ids, _hand, _edit = _setup(scene, make_backend())
     segments, conversation = set(scene.arrays), logic.conversation.copy()
-    stored = scene.parameters[scene.support.PARAMETER_CONVERSATION]
+    stored = scene.parameters[scene.support.PARAMETER_CONVERSATIONS]
     task = _start_turn(scene, logic, config, monkeypatch)
 
     def broken(*args):
@@ -396,7 +397,7 @@ def test_failed_segment_write_keeps_turn_and_segments_as_they_were(scene, local_
     with pytest.raises(RuntimeError, match="cannot write"):
         logic.finishTask(task)
     assert set(scene.arrays) == segments and logic.conversation == conversation
-    assert scene.parameters[scene.support.PARAMETER_CONVERSATION] == stored
+    assert scene.parameters[scene.support.PARAMETER_CONVERSATIONS] == stored
 
 
 def test_turn_result_is_discarded_when_another_conversation_was_loaded(scene, local_requirements, make_backend, monkeypatch):
