@@ -138,9 +138,9 @@ def _ascii_segmentation(overlap: bool) -> Segmentation:
     return seg
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_ascii_files_are_exactly_what_slicerio_writes(tmp_path, monkeypatch, overlap):
-    seg = _ascii_segmentation(overlap)
+def _ours_and_slicerio_direct(tmp_path, monkeypatch, seg):
+    """Write ``seg`` with write_seg_nrrd, capturing the dict it hands slicerio,
+    and write that dict with slicerio directly too. Returns (ours, direct, dict)."""
     passed = []
     real_write = slicerio.write_segmentation
 
@@ -152,31 +152,22 @@ def test_ascii_files_are_exactly_what_slicerio_writes(tmp_path, monkeypatch, ove
     ours = tmp_path / "ours.seg.nrrd"
     write_seg_nrrd(ours, seg)
     monkeypatch.undo()
-
     (out, kwargs), = passed
-    assert [s["name"] for s in out["segments"]] == ["R1 liver", "R2 liver"]  # no placeholders
     direct = tmp_path / "direct.seg.nrrd"
     slicerio.write_segmentation(str(direct), out, **kwargs)
+    return ours, direct, out
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_ascii_files_are_exactly_what_slicerio_writes(tmp_path, monkeypatch, overlap):
+    ours, direct, out = _ours_and_slicerio_direct(tmp_path, monkeypatch, _ascii_segmentation(overlap))
+    assert [s["name"] for s in out["segments"]] == ["R1 liver", "R2 liver"]  # no placeholders
     assert _drop_timestamp(ours.read_bytes()) == _drop_timestamp(direct.read_bytes())
 
 
 def test_slicer_file_rewritten_unchanged_vs_slicerio(tmp_path, monkeypatch, slicer_segmentation_path):
     """An all-ASCII file from Slicer: our write equals slicerio's write of the same dict."""
     seg = read_seg_nrrd(slicer_segmentation_path)
-    passed = []
-    real_write = slicerio.write_segmentation
-
-    def spy(file, segmentation, **kwargs):
-        passed.append((copy.deepcopy(segmentation), kwargs))
-        return real_write(file, segmentation, **kwargs)
-
-    monkeypatch.setattr(slicerio, "write_segmentation", spy)
-    ours = tmp_path / "ours.seg.nrrd"
-    write_seg_nrrd(ours, seg)
-    monkeypatch.undo()
-
-    (out, kwargs), = passed
-    direct = tmp_path / "direct.seg.nrrd"
-    slicerio.write_segmentation(str(direct), out, **kwargs)
+    ours, direct, _out = _ours_and_slicerio_direct(tmp_path, monkeypatch, seg)
     assert _drop_timestamp(ours.read_bytes()) == _drop_timestamp(direct.read_bytes())
     assert [s.name for s in read_seg_nrrd(ours).segments] == [s.name for s in seg.segments]
